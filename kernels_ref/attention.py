@@ -1,0 +1,102 @@
+"""Attention kernels: contiguous causal attention (lesson 1), and paged attention over a
+block pool (what the serving engine uses), plus ``store_kv`` which writes into the pool.
+
+Paged KV layout (one pair of arrays per layer)::
+
+    k_cache, v_cache: [N, B, Hkv, D]      N blocks of B token slots each
+    block_tables:     [S, max_blocks]     block_tables[s, i] = physical block holding
+                                          tokens i*B .. i*B+B-1 of sequence s
+    slot of token t of sequence s = block_tables[s, t // B] * B + t % B
+
+                 logical blocks of seq s           physical pool
+                 +-----+-----+-----+               +----+----+----+----+----+
+    tokens 0..   |  0  |  1  |  2  |   ------>     | b0 | b1 | b2 | b3 | b4 |
+                 +-----+-----+-----+               +----+----+----+----+----+
+    block_tables[s] = [3, 0, 4, ...]  (token 0 lives in b3, token B in b0, ...)
+
+Entries of a block table past a sequence's last block are never read; they may hold
+anything (including out-of-range ids).
+
+GQA: query head h reads key/value head ``h // (H // Hkv)``.
+"""
+
+import numpy as np
+
+from kernels_ref.activation import softmax
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:  # [Tq, H, D], [Tk, Hkv, D], [Tk, Hkv, D] -> [Tq, H, D]
+    """Causal attention of Tq new queries against Tk keys held contiguously (Tk >= Tq).
+
+    The queries are the *last* Tq positions of the Tk-long sequence, so query i sits at
+    position ``Tk - Tq + i`` and may attend to keys ``0 .. Tk - Tq + i``. Tq = Tk is a
+    whole prefill; Tq = 1 is a decode step.
+
+        out[i, h] = sum_j softmax_j(scale * q[i, h] . k[j, h // g]) * v[j, h // g]
+    """
+    num_q, num_heads, head_dim = q.shape
+    num_k, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    qg = q.reshape(num_q, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [Hkv, g, Tq, D]
+    kt = k.transpose(1, 2, 0)[:, None]  # [Hkv, 1, D, Tk]
+    scores = (qg @ kt) * scale  # [Hkv, g, Tq, Tk]
+    q_pos = np.arange(num_k - num_q, num_k)[:, None]  # [Tq, 1]
+    k_pos = np.arange(num_k)[None, :]  # [1, Tk]
+    scores = np.where(k_pos <= q_pos, scores, -np.inf)
+    probs = softmax(scores, axis=-1)
+    out = probs @ v.transpose(1, 0, 2)[:, None]  # [Hkv, g, Tq, D]
+    return out.transpose(2, 0, 1, 3).reshape(num_q, num_heads, head_dim)
+
+
+def store_kv(
+    k: np.ndarray,  # [T, Hkv, D]
+    v: np.ndarray,  # [T, Hkv, D]
+    k_cache: np.ndarray,  # [N, B, Hkv, D], written in place
+    v_cache: np.ndarray,  # [N, B, Hkv, D], written in place
+    slot_mapping: np.ndarray,  # [T] int, slot = block * B + offset; -1 = skip this token
+) -> None:
+    """Scatter each new token's key and value into its slot of the paged cache.
+
+    ``k_cache.reshape(N * B, Hkv, D)[slot_mapping[t]] = k[t]`` for every t whose slot is
+    >= 0 (a negative slot marks a padding token that must not be stored).
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    num_blocks, block_size = k_cache.shape[:2]
+    flat_k = k_cache.reshape(num_blocks * block_size, *k_cache.shape[2:])
+    flat_v = v_cache.reshape(num_blocks * block_size, *v_cache.shape[2:])
+    flat_k[slots] = k[keep]
+    flat_v[slots] = v[keep]
+
+
+def paged_attention(
+    q: np.ndarray,  # [T, H, D]  queries of all scheduled tokens, sequence after sequence
+    k_cache: np.ndarray,  # [N, B, Hkv, D]
+    v_cache: np.ndarray,  # [N, B, Hkv, D]
+    block_tables: np.ndarray,  # [S, max_blocks] int
+    query_start_loc: np.ndarray,  # [S + 1] int, q rows of seq s are query_start_loc[s]:[s+1]
+    seq_lens: np.ndarray,  # [S] int, tokens in the cache for seq s, the new ones included
+    scale: float,
+) -> np.ndarray:  # -> [T, H, D]
+    """Varlen causal attention over pages for a ragged batch of prefill chunks and decodes.
+
+    Sequence s contributes ``q_len = query_start_loc[s+1] - query_start_loc[s]`` queries:
+    the last q_len of its ``seq_lens[s]`` tokens (their K/V already stored with
+    ``store_kv``). A decode has q_len 1, a whole prefill has q_len == seq_len, a prefill
+    chunk or a speculative verification anything between. Per sequence this is exactly
+    ``attention(q_s, K_s, V_s, scale)`` where K_s, V_s are the sequence's first seq_len
+    keys/values gathered through its block table.
+    """
+    out = np.zeros_like(q)
+    block_size = k_cache.shape[1]
+    for s in range(len(seq_lens)):
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        seq_len = int(seq_lens[s])
+        if end == start:
+            continue
+        num_blocks = -(-seq_len // block_size)  # ceil
+        blocks = block_tables[s, :num_blocks]
+        k = k_cache[blocks].reshape(num_blocks * block_size, *k_cache.shape[2:])[:seq_len]  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(num_blocks * block_size, *v_cache.shape[2:])[:seq_len]
+        out[start:end] = attention(q[start:end], k, v, scale)
+    return out

@@ -1,0 +1,55 @@
+"""Logit filters used by the sampler: top-k, top-p (nucleus) and min-p.
+
+Each takes a batch of logits [S, V] and one parameter per row, and returns a copy in
+which the tokens the filter removes are set to ``-inf`` (so a following softmax gives them
+probability 0). A row whose parameter disables the filter is returned unchanged. At least
+one token always survives: the most likely one.
+"""
+
+import numpy as np
+
+from kernels_ref.activation import softmax
+
+
+def top_k_filter(logits: np.ndarray, top_k: np.ndarray) -> np.ndarray:  # [S, V], int [S] -> [S, V]
+    """Keep the k largest logits of each row (ties with the k-th are kept too).
+
+    ``top_k[s] <= 0`` or ``>= V`` disables the filter for row s.
+    """
+    out = logits.copy()
+    vocab = logits.shape[-1]
+    for s in np.nonzero((top_k > 0) & (top_k < vocab))[0]:
+        kth_largest = np.partition(logits[s], vocab - top_k[s])[vocab - top_k[s]]
+        out[s, logits[s] < kth_largest] = -np.inf
+    return out
+
+
+def top_p_filter(logits: np.ndarray, top_p: np.ndarray) -> np.ndarray:  # [S, V], float [S] -> [S, V]
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= top_p.
+
+    Sort the row's probabilities descending; token at rank r is kept iff the mass of the
+    tokens ranked before it is < top_p (so the top token is always kept).
+    ``top_p[s] >= 1`` disables the filter for row s.
+    """
+    out = logits.copy()
+    for s in np.nonzero(top_p < 1.0)[0]:
+        order = np.argsort(-logits[s], kind="stable")
+        probs = softmax(logits[s, order].astype(np.float64))
+        mass_before = np.cumsum(probs) - probs
+        out[s, order[mass_before >= top_p[s]]] = -np.inf
+    return out
+
+
+def min_p_filter(logits: np.ndarray, min_p: np.ndarray) -> np.ndarray:  # [S, V], float [S] -> [S, V]
+    """Keep tokens whose probability is at least ``min_p * p_max`` of their row.
+
+    In logit space: ``logit >= max_logit + log(min_p)``. ``min_p[s] <= 0`` disables it.
+    """
+    out = logits.copy()
+    rows = np.nonzero(min_p > 0.0)[0]
+    if len(rows):
+        threshold = logits[rows].max(axis=-1, keepdims=True) + np.log(min_p[rows])[:, None]
+        sub = out[rows]
+        sub[logits[rows] < threshold] = -np.inf
+        out[rows] = sub
+    return out
