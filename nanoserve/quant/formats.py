@@ -1,0 +1,95 @@
+"""Quantizing float weights into nanoserve's formats, and running a linear layer on any of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import kernels_ref
+from nanoserve.errors import UnsupportedModelError
+
+#: What ``--weights`` accepts. "gguf" keeps each matrix in the format the GGUF file stores.
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
+INT4_GROUP_SIZE = 32
+
+_KERNEL = {
+    "int8": "linear_int8",
+    "int4": "linear_int4",
+    "q8_0": "linear_q8_0",
+    "q4_0": "linear_q4_0",
+    "q4_1": "linear_q4_1",
+}
+_DEQUANT = {
+    "int8": kernels_ref.dequantize_int8,
+    "int4": kernels_ref.dequantize_int4,
+    "q8_0": kernels_ref.dequantize_q8_0,
+    "q4_0": kernels_ref.dequantize_q4_0,
+    "q4_1": kernels_ref.dequantize_q4_1,
+}
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix [out, in] held in a quantized format (arrays as the kernel takes them)."""
+
+    format: str  # a key of _KERNEL
+    arrays: tuple[Any, ...]
+    shape: tuple[int, int]  # (out, in) of the float matrix it stands for
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+
+Weight = Any  # np.ndarray (fp32/fp16) or QuantizedWeight
+
+
+def quantize_int8(w: np.ndarray) -> QuantizedWeight:  # [out, in] -> int8 [out, in], [out]
+    """Symmetric per-row int8: scale = max|w| / 127, q = round(w / scale)."""
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return QuantizedWeight("int8", (q, scale), w.shape)
+
+
+def quantize_int4(w: np.ndarray, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:  # [out, in] -> uint8 [out, in/2], [out, in/g]
+    """Symmetric group-wise int4: per group scale = max|w| / 7, q = round(w / scale) + 8 in 0..15."""
+    out, inp = w.shape
+    if inp % group_size or inp % 2:
+        raise UnsupportedModelError(f"int4 needs in_features divisible by {group_size}, got {inp}")
+    groups = w.reshape(out, inp // group_size, group_size)
+    scale = np.abs(groups).max(axis=2) / 7.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)  # [out, G]
+    q = np.clip(np.rint(groups / scale[:, :, None]), -8, 7).astype(np.int16) + 8
+    q = q.reshape(out, inp).astype(np.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return QuantizedWeight("int4", (packed, scale), w.shape)
+
+
+def quantize(w: np.ndarray, fmt: str) -> Weight:
+    """Convert a float32 [out, in] matrix to ``fmt`` (fp32, fp16, int8, int4)."""
+    if fmt == "fp32":
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if fmt == "fp16":
+        return w.astype(np.float16)
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "int4":
+        return quantize_int4(w)
+    raise UnsupportedModelError(f"cannot quantize to {fmt!r}; choose one of fp32, fp16, int8, int4")
+
+
+def dequantize(w: Weight) -> np.ndarray:  # -> float32 [out, in]
+    """The float32 matrix a weight stands for."""
+    if isinstance(w, QuantizedWeight):
+        return _DEQUANT[w.format](*w.arrays).reshape(w.shape)
+    return np.asarray(w, dtype=np.float32)
+
+
+def apply_linear(kernels: Any, x: Any, w: Weight) -> Any:  # [T, in] -> [T, out]
+    """``x @ W.T`` through the kernel for w's format."""
+    if isinstance(w, QuantizedWeight):
+        return getattr(kernels, _KERNEL[w.format])(x, *w.arrays)
+    return kernels.linear(x, w)
