@@ -1,0 +1,13 @@
+"""nanoserve: a readable NumPy LLM inference engine that really serves.
+
+    from nanoserve import LLM, SamplingParams
+    llm = LLM()                                      # SmolLM2-135M-Instruct
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    print(out[0].text)
+"""
+
+from nanoserve.engine import LLM, EngineConfig, LLMEngine, RequestOutput
+from nanoserve.sampling import SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""Sampling: per-request parameters, and turning a batch of logits into next tokens.
+
+Pipeline for one row of logits (skipped entirely when temperature == 0: greedy argmax):
+
+    logits / temperature -> top-k filter -> top-p filter -> min-p filter -> softmax -> draw
+
+Each request owns a seeded ``numpy.random.Generator``, so a request's samples depend only
+on its own seed and its own logits, never on which other requests share the batch.
+Log-probabilities reported to the user are those of the raw model distribution
+(``log_softmax(logits)``), before temperature and filters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nanoserve.errors import InvalidSamplingParams
+
+
+@dataclass
+class SamplingParams:
+    """What to generate and how. Validated on creation; errors name the bad field."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0  # [0, 1]; 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, never included in the output
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k >= 0: the chosen token's logprob + top k
+
+    def __post_init__(self) -> None:
+        def fail(name: str, value: Any, rule: str) -> None:
+            raise InvalidSamplingParams(f"invalid {name}={value!r}: {rule}")
+
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, value, "must be a finite number")
+            return float(value)
+
+        def integer(name: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                fail(name, value, "must be an integer")
+            return int(value)
+
+        self.max_tokens = integer("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            fail("max_tokens", self.max_tokens, "must be >= 1")
+        self.temperature = number("temperature", self.temperature)
+        if self.temperature < 0:
+            fail("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        self.top_p = number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", self.top_p, "must be in (0, 1]")
+        self.top_k = integer("top_k", self.top_k)
+        if self.top_k < -1:
+            fail("top_k", self.top_k, "must be >= 1, or 0 / -1 to disable")
+        self.min_p = number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", self.min_p, "must be in [0, 1]")
+        if self.seed is not None:
+            self.seed = integer("seed", self.seed)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
+        self.stop = list(self.stop)
+        self.stop_token_ids = [integer("stop_token_ids", t) for t in self.stop_token_ids]
+        if self.logprobs is not None:
+            self.logprobs = integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= 20:
+                fail("logprobs", self.logprobs, "must be in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> np.random.Generator:
+        """The request's private random stream (seeded if ``seed`` is set)."""
+        return np.random.default_rng(self.seed)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # of token_id under the raw distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # [(token_id, logprob)] best first
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:  # [..., V] -> [..., V] float64
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def sample(
+    logits: np.ndarray,  # [S, V] float32, one row per request that needs a token
+    params: list[SamplingParams],  # [S]
+    generators: list[np.random.Generator],  # [S]
+    kernels: Any,  # the backend's kernels (top_k_filter, top_p_filter, min_p_filter, softmax)
+) -> list[SampleResult]:
+    """Choose one next token per row, as each row's SamplingParams say."""
+    num_rows = logits.shape[0]
+    tokens = np.argmax(logits, axis=-1)  # greedy rows are done already
+    random_rows = [s for s in range(num_rows) if not params[s].greedy]
+    if random_rows:
+        sub = [params[s] for s in random_rows]
+        x = logits[random_rows] / np.array([p.temperature for p in sub], dtype=np.float32)[:, None]
+        x = kernels.top_k_filter(x, np.array([p.top_k for p in sub], dtype=np.int64))
+        x = kernels.top_p_filter(x, np.array([p.top_p for p in sub], dtype=np.float64))
+        x = kernels.min_p_filter(x, np.array([p.min_p for p in sub], dtype=np.float64))
+        probs = kernels.softmax(x.astype(np.float64), -1)  # [R, V]
+        for row, s in enumerate(random_rows):
+            cdf = np.cumsum(probs[row])
+            u = generators[s].random() * cdf[-1]
+            tokens[s] = min(int(np.searchsorted(cdf, u, side="right")), logits.shape[1] - 1)
+            while probs[row, tokens[s]] == 0.0:  # u landed exactly on a boundary: step back
+                tokens[s] -= 1
+    results = [SampleResult(int(t)) for t in tokens]
+    want = [s for s in range(num_rows) if params[s].logprobs is not None]
+    if want:
+        lp = log_softmax(logits[want])
+        for row, s in enumerate(want):
+            results[s].logprob = float(lp[row, tokens[s]])
+            k = params[s].logprobs or 0
+            top = np.argsort(-lp[row], kind="stable")[:k]
+            results[s].top_logprobs = [(int(t), float(lp[row, t])) for t in top]
+    return results
