@@ -88,15 +88,49 @@ def paged_attention(
     keys/values gathered through its block table.
     """
     out = np.zeros_like(q)
-    block_size = k_cache.shape[1]
-    for s in range(len(seq_lens)):
+    q_lens = np.diff(np.asarray(query_start_loc))
+    decodes = np.nonzero(q_lens == 1)[0]
+    if len(decodes):  # all single-token queries in one batched computation
+        rows = np.asarray(query_start_loc)[decodes]
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
+    for s in np.nonzero(q_lens > 1)[0]:  # prefill chunks one by one
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        seq_len = int(seq_lens[s])
-        if end == start:
-            continue
-        num_blocks = -(-seq_len // block_size)  # ceil
-        blocks = block_tables[s, :num_blocks]
-        k = k_cache[blocks].reshape(num_blocks * block_size, *k_cache.shape[2:])[:seq_len]  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(num_blocks * block_size, *v_cache.shape[2:])[:seq_len]
+        k, v = _gather(k_cache, v_cache, block_tables[s], int(seq_lens[s]))
         out[start:end] = attention(q[start:end], k, v, scale)
     return out
+
+
+def _gather(k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:  # -> [L, Hkv, D] x2
+    """One sequence's first seq_len keys and values, read through its block table."""
+    block_size = k_cache.shape[1]
+    blocks = block_table[: -(-seq_len // block_size)]
+    k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:seq_len]
+    v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:seq_len]
+    return k, v
+
+
+def _decode_attention(
+    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray, scale: float
+) -> np.ndarray:  # [S, H, D], [N, B, Hkv, D] x2, [S, max_blocks], [S] -> [S, H, D]
+    """The q_len == 1 case for S sequences at once: same math as ``attention`` per sequence.
+
+    Every sequence's pages are gathered into one padded [S, L, Hkv, D] array (L = the
+    longest sequence, rounded up to whole blocks); key positions >= seq_len are masked.
+    A decode's single query is the last token, so no causal mask is needed beyond that.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    table = block_tables[:, :num_blocks]
+    in_use = np.arange(num_blocks)[None, :] * block_size < seq_lens[:, None]  # [S, nb]
+    table = np.where(in_use, table, 0)  # unused entries may hold anything: read block 0, masked below
+    k = k_cache[table].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    v = v_cache[table].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    qg = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, g, D]
+    scores = (qg @ k.transpose(0, 2, 3, 1)) * scale  # [S, Hkv, g, L]
+    beyond = np.arange(num_blocks * block_size)[None, :] >= seq_lens[:, None]  # [S, L]
+    scores = np.where(beyond[:, None, None, :], -np.inf, scores)
+    probs = softmax(scores, axis=-1)
+    out = probs @ v.transpose(0, 2, 1, 3)  # [S, Hkv, g, D]
+    return out.reshape(num_seqs, num_heads, head_dim)
