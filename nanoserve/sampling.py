@@ -21,12 +21,15 @@ import numpy as np
 from nanoserve.errors import InvalidSamplingParams
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """What to generate and how. Validated on creation; errors name the bad field."""
 
     max_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or < 1e-5) = greedy
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
@@ -41,7 +44,7 @@ class SamplingParams:
             raise InvalidSamplingParams(f"invalid {name}={value!r}: {rule}")
 
         def number(name: str, value: Any) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
                 fail(name, value, "must be a finite number")
             return float(value)
 
@@ -67,11 +70,15 @@ class SamplingParams:
             fail("min_p", self.min_p, "must be in [0, 1]")
         if self.seed is not None:
             self.seed = integer("seed", self.seed)
+            if self.seed < 0:
+                fail("seed", self.seed, "must be >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
         self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            fail("stop_token_ids", self.stop_token_ids, "must be a list of token ids")
         self.stop_token_ids = [integer("stop_token_ids", t) for t in self.stop_token_ids]
         if self.logprobs is not None:
             self.logprobs = integer("logprobs", self.logprobs)
@@ -80,7 +87,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 act as 0: dividing by them would overflow float32 logits."""
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self) -> np.random.Generator:
         """The request's private random stream (seeded if ``seed`` is set)."""

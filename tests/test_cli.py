@@ -1,0 +1,155 @@
+"""``python -m nanoserve generate`` run as a user runs it: a subprocess on the tiny model.
+
+Greedy output is checked against the :class:`nanoserve.LLM` API on the same model, so the
+CLI is held to printing exactly what the engine generates; errors exit with status 2 and
+end with one ``error:`` line that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanoserve import LLM, SamplingParams
+
+GREEDY = ["--temperature", "0", "--max-tokens", "8"]
+PROMPTS = ["Hello world", "The quick brown fox", "Paris is the capital of"]
+SAMPLING_FLAGS = ["--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--stop", "--ignore-eos"]
+
+
+def nanoserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoserve", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: str) -> LLM:
+    return LLM(model=tiny_model_dir, num_blocks=64)
+
+
+def greedy_texts(llm: LLM, prompts: list[str], chat: bool) -> list:
+    if chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+
+
+# --- generating ----------------------------------------------------------------------------
+
+
+def test_generate_raw_streams_the_greedy_answer_of_one_prompt(tiny_model_dir: str, llm: LLM) -> None:
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    (expected,) = greedy_texts(llm, PROMPTS[:1], chat=False)
+    assert result.stdout == expected.text + "\n"
+    assert len(expected.token_ids) == 8
+
+
+def test_generate_applies_the_chat_template_unless_raw(tiny_model_dir: str, llm: LLM) -> None:
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    (chat,) = greedy_texts(llm, PROMPTS[:1], chat=True)
+    (raw,) = greedy_texts(llm, PROMPTS[:1], chat=False)
+    assert result.stdout == chat.text + "\n"
+    assert chat.token_ids != raw.token_ids  # the template really changed the prompt
+
+
+def test_generate_file_of_lines_prints_one_block_per_prompt_in_order(tiny_model_dir: str, llm: LLM, tmp_path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join([PROMPTS[0], "", PROMPTS[1], PROMPTS[2]]) + "\n", encoding="utf-8")  # blank lines are skipped
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", "--file", str(path))
+    assert result.returncode == 0, result.stderr
+    outputs = greedy_texts(llm, PROMPTS, chat=False)
+    expected = "".join(
+        f"--- [{i}] ({len(o.token_ids)} tokens, {o.finish_reason}) ---\n{o.text}\n" for i, o in enumerate(outputs)
+    )
+    assert result.stdout == expected
+
+
+def test_generate_jsonl_file_prints_json_lines_with_chat_prompts(tiny_model_dir: str, llm: LLM, tmp_path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    lines = [json.dumps(PROMPTS[0]), json.dumps({"prompt": PROMPTS[1]}), json.dumps({"prompt": PROMPTS[2], "id": 7})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--file", str(path), "--jsonl")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    outputs = greedy_texts(llm, PROMPTS, chat=True)
+    assert rows == [
+        {"index": i, "text": o.text, "finish_reason": o.finish_reason, "num_tokens": len(o.token_ids)}
+        for i, o in enumerate(outputs)
+    ]
+
+
+# --- errors --------------------------------------------------------------------------------
+# One error runs as a subprocess (the real exit status); the others call the same main()
+# in-process, which returns the status the process exits with.
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``nanoserve.cli.main(args)`` -> (exit status, stderr); argparse errors exit via SystemExit."""
+    from nanoserve.cli import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+def assert_error(status: int, stderr: str, *fragments: str) -> None:
+    assert status == 2, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "error:" in last, stderr
+    for fragment in fragments:
+        assert fragment in last, stderr
+    assert "Traceback" not in stderr
+
+
+def test_prompt_longer_than_the_context_exits_2(tiny_model_dir: str) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", "--max-model-len", "8", prompt)
+    assert result.stdout == ""
+    assert_error(result.returncode, result.stderr, "context holds 8", "shorten the prompt")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--temperature", "-1"], ["temperature", ">= 0"]),
+        (["--top-p", "1.5"], ["top_p", "(0, 1]"]),
+        (["--top-k", "-2"], ["top_k"]),
+        (["--min-p", "2"], ["min_p"]),
+        (["--max-tokens", "0"], ["max_tokens"]),
+        (["--temperature", "warm"], ["--temperature", "invalid float value"]),
+    ],
+)
+def test_bad_sampling_flags_exit_2_with_an_error_naming_the_parameter(
+    flags: list[str], fragments: list[str], tiny_model_dir: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert_error(*run_main(capsys, "generate", "--model", tiny_model_dir, *flags, "hi"), *fragments)
+
+
+def test_missing_model_exits_2_naming_the_path(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    missing = str(tmp_path / "no-such-model")
+    assert_error(*run_main(capsys, "generate", "--model", missing, "hi"), missing, "not found")
+
+
+def test_no_prompt_at_all_exits_2(tiny_model_dir: str, capsys: pytest.CaptureFixture) -> None:
+    assert_error(*run_main(capsys, "generate", "--model", tiny_model_dir), "give a prompt")
+
+
+def test_bad_jsonl_line_exits_2_naming_file_and_line(tiny_model_dir: str, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{not json\n', encoding="utf-8")
+    assert_error(*run_main(capsys, "generate", "--model", tiny_model_dir, "--file", str(path)), f"{path}:2", "not valid JSON")
+
+
+# --- help --------------------------------------------------------------------------------------
+
+
+def test_generate_help_mentions_every_sampling_flag() -> None:
+    result = nanoserve("generate", "--help")
+    assert result.returncode == 0
+    for flag in SAMPLING_FLAGS:
+        assert flag in result.stdout, flag
