@@ -153,3 +153,20 @@ def test_generate_help_mentions_every_sampling_flag() -> None:
     assert result.returncode == 0
     for flag in SAMPLING_FLAGS:
         assert flag in result.stdout, flag
+
+
+def test_chat_repl_answers_keeps_history_and_exits_on_command(tiny_model_dir: str, llm: LLM) -> None:
+    params = SamplingParams(temperature=0, max_tokens=6)
+    first = llm.chat([{"role": "user", "content": "hello"}], params)[0].text
+    second = llm.chat(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}, {"role": "user", "content": "again"}], params
+    )[0].text
+    result = subprocess.run(
+        [sys.executable, "-m", "nanoserve", "chat", "--model", tiny_model_dir, "--temperature", "0", "--max-tokens", "6"],
+        input="hello\nagain\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"> {first}\n> {second}\n> "
