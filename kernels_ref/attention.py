@@ -131,6 +131,7 @@ def _decode_attention(
     scores = (qg @ k.transpose(0, 2, 3, 1)) * scale  # [S, Hkv, g, L]
     beyond = np.arange(num_blocks * block_size)[None, :] >= seq_lens[:, None]  # [S, L]
     scores = np.where(beyond[:, None, None, :], -np.inf, scores)
+    v[beyond] = 0.0  # slots past seq_len may hold anything (even NaN); 0 * NaN would leak into out
     probs = softmax(scores, axis=-1)
     out = probs @ v.transpose(0, 2, 1, 3)  # [S, Hkv, g, D]
     return out.reshape(num_seqs, num_heads, head_dim)

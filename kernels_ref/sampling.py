@@ -29,7 +29,7 @@ def top_p_filter(logits: np.ndarray, top_p: np.ndarray) -> np.ndarray:  # [S, V]
 
     Sort the row's probabilities descending; token at rank r is kept iff the mass of the
     tokens ranked before it is < top_p (so the top token is always kept).
-    ``top_p[s] >= 1`` disables the filter for row s.
+    ``top_p[s] >= 1`` disables the filter for row s; top_p must be > 0.
     """
     out = logits.copy()
     for s in np.nonzero(top_p < 1.0)[0]:

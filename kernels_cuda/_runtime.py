@@ -1,0 +1,95 @@
+"""Where the CUDA kernels run, and how arrays get there.
+
+Three situations, decided once at import:
+
+    real GPU + CuPy      arrays live on the device as ``cupy.ndarray``; ``xp`` is cupy and
+                         numba kernels take CuPy arrays directly (``__cuda_array_interface__``)
+    real GPU, no CuPy    ``xp`` is numpy; numba copies each host array to the device and
+                         back around every launch (correct, slow)
+    simulator            ``NUMBA_ENABLE_CUDASIM=1`` was set before numba was imported: the
+                         kernels run as Python threads on the CPU, on numpy arrays
+
+The simulator must be chosen by the caller (tests, ``check-kernels``) before anything
+imports numba; this module only reads the choice. Under the simulator every block's
+threads are real Python threads and each ``syncthreads`` costs about a millisecond, so the
+launch helpers below use small blocks there; every kernel is written to be correct for
+any block size up to ``MAX_BLOCK_THREADS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda
+
+#: True when numba.cuda is the CPU simulator (NUMBA_ENABLE_CUDASIM=1 at numba import).
+SIMULATOR: bool = bool(numba_config.ENABLE_CUDASIM)
+
+#: Shared-memory scratch arrays are sized for this many threads per block.
+MAX_BLOCK_THREADS = 256
+
+#: Threads per block under the simulator: every thread is a Python thread there.
+SIMULATOR_BLOCK_THREADS = 8
+
+
+def _load_cupy() -> Any | None:
+    """CuPy if a real GPU is usable through it, else None (never under the simulator)."""
+    if SIMULATOR:
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.is_available() else None
+    except Exception:  # a broken driver install shows up here, not at import
+        return None
+
+
+cupy = _load_cupy()
+
+#: The array module kernels take and return: cupy on a real GPU with CuPy, else numpy.
+xp: Any = cupy if cupy is not None else np
+
+
+def to_device(a: np.ndarray) -> Any:
+    """Host numpy array -> backend array (a CuPy device array on a GPU, else unchanged)."""
+    return xp.asarray(a)
+
+
+def to_host(a: Any) -> np.ndarray:
+    """Backend array -> host numpy array."""
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return cupy.asnumpy(a)
+    return np.asarray(a)
+
+
+def require_device() -> None:
+    """Raise a clear error when there is neither a GPU nor the simulator to launch on."""
+    if not SIMULATOR and not cuda.is_available():
+        raise RuntimeError(
+            "kernels_cuda: no usable CUDA GPU was found and the simulator is off; set "
+            "NUMBA_ENABLE_CUDASIM=1 before numba is imported to run the kernels on the CPU"
+        )
+
+
+def block_threads(preferred: int) -> int:
+    """Threads per block for a launch: ``preferred`` on a GPU, a few under the simulator."""
+    return min(preferred, SIMULATOR_BLOCK_THREADS) if SIMULATOR else min(preferred, MAX_BLOCK_THREADS)
+
+
+def grid_stride_blocks(n: int, threads: int, max_blocks: int = 1024) -> int:
+    """Blocks for a grid-stride loop over ``n`` items (one block under the simulator)."""
+    if SIMULATOR:
+        return 1
+    return max(1, min(max_blocks, -(-n // threads)))
+
+
+def contiguous(a: Any, dtype: Any = None) -> Any:
+    """``a`` as a C-contiguous array of the backend's array module (copied only if needed).
+
+    Host arrays given to a GPU backend are moved to the device here, once per call.
+    """
+    return xp.ascontiguousarray(xp.asarray(a), dtype=dtype)

@@ -1,0 +1,1 @@
+"""Kernel tests: every backend against the reference, metamorphic properties, planted bugs."""

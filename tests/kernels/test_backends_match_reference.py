@@ -1,0 +1,80 @@
+"""Every kernel of every built-in backend matches kernels_ref within its stated tolerance.
+
+The properties themselves live in nanoserve.check_kernels (the same suite students run
+with ``python -m nanoserve check-kernels``); here they run for ``ref`` (trivially equal
+to itself: a check of the suite's generators) and ``cuda`` (on the simulator without a
+GPU). Edge cases run first every time: empty batches, length-1 sequences, lengths that
+are exact multiples of the block size, disabled filters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels_ref
+from nanoserve import check_kernels
+from nanoserve.check_kernels import EXACT, Tolerance, check_kernel, compare
+from nanoserve.kernels import get_backend
+from tests.kernels.conftest import limits_for
+
+
+@pytest.mark.parametrize("kernel", kernels_ref.KERNEL_NAMES)
+@pytest.mark.parametrize("backend", ["ref", "cuda"])
+def test_kernel_matches_reference_over_random_shapes(backend: str, kernel: str, profile) -> None:
+    report = check_kernel(backend, kernel, limits=limits_for(backend), parent=profile)
+    assert report.status == "pass", report.describe_failure()
+    assert report.examples >= 1
+
+
+def test_cuda_backend_implements_the_whole_contract() -> None:
+    backend = get_backend("cuda")
+    assert backend.fallbacks == ()
+
+
+def test_every_kernel_has_a_spec() -> None:
+    assert set(check_kernels.SPECS) == set(kernels_ref.KERNEL_NAMES)
+
+
+def test_compare_flags_a_missing_minus_inf() -> None:
+    want = np.array([[1.0, -np.inf]], dtype=np.float32)
+    outcome = compare(np.array([[1.0, 3.0]], dtype=np.float32), want, EXACT)
+    assert outcome.problem and "non-finite" in outcome.problem
+
+
+def test_compare_states_error_relative_to_the_given_magnitude() -> None:
+    want = np.array([0.0, 10.0], dtype=np.float32)
+    got = np.array([1e-4, 10.0], dtype=np.float32)
+    assert compare(got, want, Tolerance(0.0, 1e-4)).problem  # |ref| = 0 allows nothing
+    assert compare(got, want, Tolerance(0.0, 1e-4, "10"), magnitude=10.0).problem is None
+
+
+def test_compare_rejects_wrong_shape_and_dtype() -> None:
+    want = np.zeros((2, 3), dtype=np.float32)
+    assert "shape" in compare(np.zeros((3, 2), dtype=np.float32), want, EXACT).problem
+    assert "dtype" in compare(np.zeros((2, 3), dtype=np.float64), want, EXACT).problem
+
+
+def test_a_kernel_that_modifies_its_input_fails() -> None:
+    import types
+
+    def softmax_in_place(x, axis=-1):  # [..., n] -> [..., n], but clobbers x
+        out = kernels_ref.softmax(x, axis)
+        x[...] = 0
+        return out
+
+    from nanoserve.kernels import register_backend
+
+    register_backend("test-mutates-input", types.SimpleNamespace(softmax=softmax_in_place))
+    report = check_kernel("test-mutates-input", "softmax", max_examples=5)
+    assert report.status == "FAIL" and "modified its input" in report.problem
+
+
+def test_kernels_a_backend_lacks_are_reported_as_reference() -> None:
+    import types
+
+    from nanoserve.kernels import register_backend
+
+    register_backend("test-only-softmax", types.SimpleNamespace(softmax=kernels_ref.softmax))
+    report = check_kernel("test-only-softmax", "rms_norm")
+    assert report.status == "ref" and report.passed and report.examples == 0
