@@ -194,23 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
-    try:
-        from nanoserve.server import cli as server_cli
-    except ImportError:
-        server_cli = None
-    if server_cli is not None:
-        serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
-        server_cli.add_arguments(serve)
-        serve.set_defaults(func=server_cli.run)
+    from nanoserve import check_kernels
+    from nanoserve.server import cli as server_cli  # light: FastAPI is imported only when serving
 
-    try:
-        from nanoserve import check_kernels
-    except ImportError:
-        check_kernels = None
-    if check_kernels is not None:
-        ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")
-        check_kernels.add_arguments(ck)
-        ck.set_defaults(func=check_kernels.run)
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    server_cli.add_arguments(serve)
+    serve.set_defaults(func=server_cli.run)
+
+    ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")
+    check_kernels.add_arguments(ck)
+    ck.set_defaults(func=check_kernels.run)
     return parser
 
 

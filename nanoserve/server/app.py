@@ -1,0 +1,563 @@
+"""The HTTP API: FastAPI routes in OpenAI's shapes over an :class:`AsyncEngine`.
+
+    POST /v1/chat/completions   messages -> chat template -> tokens -> engine -> JSON or SSE
+    POST /v1/completions        prompt(s) (text or token ids) -> engine -> JSON or SSE
+    GET  /v1/models             the served model
+    GET  /health                200 while the engine thread runs
+    GET  /metrics               Prometheus text
+
+A handler validates, tokenizes and submits (one engine request per choice), then either
+collects the final outputs or streams Server-Sent Events (``data: {chunk}`` lines, then
+``data: [DONE]``). Whichever way a response ends -- finished, failed, or the client gone --
+its unfinished engine requests are aborted, which frees their KV blocks at once.
+
+Every error is answered as ``{"error": {"message", "type", "param", "code"}}`` with its
+status: 400 invalid request, 401 bad API key, 404 unknown model or route, 413 body too
+large, 503 (+ Retry-After) overloaded or shutting down. Errors never reach the engine
+thread: a bad request is refused before it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from nanoserve.engine import LLMEngine, RequestOutput
+from nanoserve.errors import (
+    CapacityError,
+    EngineOverloadedError,
+    InvalidSamplingParams,
+    NanoserveError,
+    PromptTooLongError,
+    RequestError,
+)
+from nanoserve.server import protocol as proto
+from nanoserve.server.async_engine import AsyncEngine, OutputStream, SubRequest
+from nanoserve.server.metrics import ServerMetrics
+from nanoserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+
+logger = logging.getLogger("nanoserve.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DRAIN_LIMIT_BYTES = 16 << 20  # read (and drop) at most this much of a too-large body: the client sees the 413
+SHUTTING_DOWN = "the request was aborted: the server is shutting down"
+
+
+@dataclass
+class ServerState:
+    """Everything a handler needs; lives on ``app.state.server``."""
+
+    engine: AsyncEngine
+    owns_engine: bool
+    metrics: ServerMetrics
+    model_id: str  # the name /v1/models shows
+    model_names: set[str]  # names a request may use
+    api_key: str | None
+    max_body_bytes: int
+    retry_after_s: int
+    token_text: proto.TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Job:
+    """One HTTP request's engine requests: choice ``i`` of prompt ``p`` is request ``ids[p * n + i]``."""
+
+    id: str
+    created: int
+    model: str
+    stream: OutputStream
+    choice_of: dict[str, int]  # engine request id -> choice index
+    prompts: list[list[int]]  # token ids of each prompt
+    prompt_texts: list[str]  # text of each prompt (for echo)
+    n: int
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.choice_of)
+
+
+def create_app(
+    engine: LLMEngine | AsyncEngine,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_waiting: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    retry_after_s: int = 1,
+) -> FastAPI:
+    """The OpenAI-compatible app. Given an LLMEngine, the app owns its engine thread
+    (started and stopped with the app); given an AsyncEngine, the caller owns it.
+    ``max_waiting`` applies only when the app builds the AsyncEngine itself."""
+    owns = isinstance(engine, LLMEngine)
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting) if isinstance(engine, LLMEngine) else engine
+    model_id = served_model_name or async_engine.model_name
+    state = ServerState(
+        engine=async_engine,
+        owns_engine=owns,
+        metrics=ServerMetrics(async_engine),
+        model_id=model_id,
+        model_names={model_id, async_engine.model_name},
+        api_key=api_key or None,
+        max_body_bytes=max_body_bytes,
+        retry_after_s=retry_after_s,
+        token_text=proto.TokenText(async_engine.tokenizer),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            if owns:
+                await asyncio.to_thread(async_engine.stop)
+
+    app = FastAPI(title="nanoserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    _add_error_handlers(app, state)
+    _add_routes(app, state)
+    return app
+
+
+# --- errors -------------------------------------------------------------------------------
+def _error_response(state: ServerState, error: APIError) -> JSONResponse:
+    state.metrics.http_errors.labels(str(error.status)).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(state, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(
+            state, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(state, bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error_response(
+            state,
+            APIError(
+                500, f"internal server error ({type(exc).__name__}); see the server log", "server_error"
+            ),
+        )
+
+
+def _engine_error(state: ServerState, exc: Exception, prompt_param: str) -> APIError:
+    """Translate an engine refusal into the HTTP error the client gets."""
+    if isinstance(exc, EngineOverloadedError):
+        return _unavailable(state, str(exc))
+    if isinstance(exc, PromptTooLongError):
+        return bad_request(str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, CapacityError):
+        return bad_request(str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, InvalidSamplingParams):
+        name = str(exc).removeprefix("invalid ").split("=", 1)[0]
+        return bad_request(str(exc), param=name or None)
+    if isinstance(exc, RequestError):
+        return bad_request(str(exc), param=prompt_param)
+    return APIError(500, f"internal server error ({type(exc).__name__}: {exc})", "server_error")
+
+
+def _unavailable(state: ServerState, message: str) -> APIError:
+    """503 with Retry-After: overloaded or shutting down; the client may try again."""
+    headers = {"Retry-After": str(state.retry_after_s)}
+    return APIError(503, message, "server_overloaded", code="server_overloaded", headers=headers)
+
+
+def _check_finals(state: ServerState, finals: dict[str, RequestOutput]) -> None:
+    for out in finals.values():
+        if out.finish_reason == "error":
+            raise APIError(500, f"generation failed: {out.error}", "server_error")
+        if out.finish_reason == "abort":
+            raise _unavailable(state, SHUTTING_DOWN)
+
+
+# --- request plumbing ------------------------------------------------------------------------
+def _authorize(request: Request, state: ServerState) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        what = "missing" if not header else "incorrect"
+        raise APIError(
+            401,
+            f"{what} API key: send the header 'Authorization: Bearer <key>' with the key the server was started with",
+            "authentication_error",
+            code="invalid_api_key",
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 if it is larger than ``limit`` bytes.
+
+    A too-large body is still read (and dropped, up to a bound) so that the client, which
+    sends its whole body before reading, gets to see the 413 instead of a broken pipe.
+    """
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            too_large = True
+        if size > limit + DRAIN_LIMIT_BYTES:
+            break
+        if not too_large:
+            chunks.append(chunk)
+    if too_large:
+        raise APIError(
+            413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large"
+        )
+    return b"".join(chunks)
+
+
+def _check_model(state: ServerState, model: str | None) -> str:
+    if model is not None and model not in state.model_names:
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; this server serves {state.model_id!r} (see GET /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    return state.model_id
+
+
+def _render_chat(state: ServerState, req: ChatCompletionRequest) -> str:
+    try:
+        return state.engine.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages])
+    except NanoserveError as exc:
+        raise bad_request(str(exc), param="messages") from None
+    except Exception as exc:  # the template itself refused these messages (raise_exception, bad roles)
+        raise bad_request(
+            f"the chat template cannot render these messages: {exc}", param="messages"
+        ) from None
+
+
+async def _submit(
+    state: ServerState, req: Any, prompts: list[list[int]], texts: list[str], model: str, kind: str
+) -> Job:
+    """Queue one engine request per (prompt, choice); all are admitted or none."""
+    prompt_param = "messages" if kind == "chatcmpl" else "prompt"
+    job_id = f"{kind}-{uuid.uuid4().hex}"
+    n = req.num_choices
+    subs, choice_of = [], {}
+    for p, ids in enumerate(prompts):
+        if not ids:
+            raise bad_request("the prompt is empty: give at least one token", param=prompt_param)
+        room = min(state.engine.max_model_len, state.engine.num_kv_slots) - len(ids)
+        max_tokens = req.requested_max_tokens or max(1, room)
+        for i in range(n):
+            request_id = f"{job_id}-{p * n + i}"
+            try:
+                params = proto.sampling_params(req, max_tokens, i)
+            except InvalidSamplingParams as exc:
+                raise _engine_error(state, exc, prompt_param) from None
+            subs.append(SubRequest(request_id, ids, params))
+            choice_of[request_id] = p * n + i
+    try:
+        stream = await state.engine.add_requests(subs)
+    except (RequestError, EngineOverloadedError) as exc:
+        raise _engine_error(state, exc, prompt_param) from None
+    return Job(job_id, int(time.time()), model, stream, choice_of, prompts, texts, n)
+
+
+async def _collect(state: ServerState, request: Request, job: Job) -> dict[str, RequestOutput] | None:
+    """Final outputs of every choice, or None if the client went away first (then all are aborted)."""
+    results = asyncio.ensure_future(job.stream.final_outputs())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if results.done():
+            try:
+                return results.result()
+            except EngineOverloadedError as exc:
+                raise _unavailable(state, str(exc)) from None
+        return None
+    finally:
+        gone.cancel()
+        results.cancel()
+        job.stream.abort()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    """One Server-Sent Event: ``data: <json>`` and a blank line."""
+    if not isinstance(payload, str):
+        payload = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A Server-Sent Events response that aborts its engine requests however it ends."""
+
+    def __init__(self, events: AsyncIterator[str], stream: OutputStream) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.output_stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # finished: no-op; client gone (task cancelled) or error: abort and free blocks
+            self.output_stream.abort()
+
+
+async def _stream_outputs(job: Job) -> AsyncIterator[tuple[int, RequestOutput | APIError]]:
+    """``(choice index, output)`` as the engine makes them; an engine failure comes as an APIError."""
+    try:
+        async for out in job.stream:
+            index = job.choice_of[out.request_id]
+            if out.finish_reason == "error":
+                yield index, APIError(500, f"generation failed: {out.error}", "server_error")
+                return
+            if out.finish_reason == "abort":
+                yield index, APIError(503, SHUTTING_DOWN, "server_overloaded", code="server_overloaded")
+                return
+            yield index, out
+    except EngineOverloadedError as exc:
+        yield 0, APIError(503, str(exc), "server_overloaded", code="server_overloaded")
+    except Exception as exc:  # the engine thread failed this request
+        yield 0, APIError(500, f"generation failed: {exc}", "server_error")
+
+
+# --- routes ---------------------------------------------------------------------------------
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = state.engine.is_running
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        _authorize(request, state)
+        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(request: Request, model: str) -> JSONResponse:
+        _authorize(request, state)
+        _check_model(state, model)
+        return JSONResponse(_model_card(state))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        _authorize(request, state)
+        req = proto.parse_request(ChatCompletionRequest, await _read_body(request, state.max_body_bytes))
+        model = _check_model(state, req.model)
+        prompt = _render_chat(state, req)
+        job = await _submit(state, req, [state.engine.tokenizer.encode(prompt)], [prompt], model, "chatcmpl")
+        if req.stream:
+            return EventStream(_chat_events(state, req, job), job.stream)
+        finals = await _collect(state, request, job)
+        if finals is None:
+            return Response(status_code=499)
+        _check_finals(state, finals)
+        return JSONResponse(_chat_response(state, req, job, finals))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        _authorize(request, state)
+        req = proto.parse_request(CompletionRequest, await _read_body(request, state.max_body_bytes))
+        model = _check_model(state, req.model)
+        tok = state.engine.tokenizer
+        prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
+        texts = [p if isinstance(p, str) else _decode(tok, p) for p in req.prompt]
+        job = await _submit(state, req, prompts, texts, model, "cmpl")
+        if req.stream:
+            return EventStream(_completion_events(state, req, job), job.stream)
+        finals = await _collect(state, request, job)
+        if finals is None:
+            return Response(status_code=499)
+        _check_finals(state, finals)
+        return JSONResponse(_completion_response(state, req, job, finals))
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    except Exception:  # ids out of the vocabulary: the engine refuses them with a clear message
+        return ""
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "nanoserve",
+        "max_model_len": state.engine.max_model_len,
+    }
+
+
+# --- chat responses ---------------------------------------------------------------------------
+def _chat_response(
+    state: ServerState, req: ChatCompletionRequest, job: Job, finals: dict[str, RequestOutput]
+) -> dict[str, Any]:
+    choices = []
+    for request_id, out in finals.items():
+        logprobs = proto.chat_logprobs(out.logprobs, state.token_text) if req.logprobs else None
+        message = {"role": "assistant", "content": out.text}
+        choices.append(
+            {
+                "index": job.choice_of[request_id],
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": proto.finish_reason(out),
+            }
+        )
+    choices.sort(key=lambda c: c["index"])
+    completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    return {
+        "id": job.id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens),
+    }
+
+
+async def _chat_events(state: ServerState, req: ChatCompletionRequest, job: Job) -> AsyncIterator[str]:
+    base = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        event = {
+            **base,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if req.include_usage:
+            event["usage"] = None
+        return _sse(event)
+
+    for index in range(job.num_choices):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    logprobs_sent = [0] * job.num_choices
+    completion_tokens = 0
+    async for index, out in _stream_outputs(job):
+        if isinstance(out, APIError):
+            yield _sse(out.body())
+            yield _sse("[DONE]")
+            return
+        logprobs = None
+        if req.logprobs and len(out.logprobs) > logprobs_sent[index]:
+            logprobs = proto.chat_logprobs(out.logprobs[logprobs_sent[index] :], state.token_text)
+            logprobs_sent[index] = len(out.logprobs)
+        if out.finished:
+            completion_tokens += len(out.token_ids)
+            delta = {"content": out.delta} if out.delta else {}
+            yield chunk(index, delta, proto.finish_reason(out), logprobs)
+        elif out.delta or logprobs:
+            yield chunk(index, {"content": out.delta}, None, logprobs)
+    if req.include_usage:
+        yield _sse(
+            {**base, "choices": [], "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens)}
+        )
+    yield _sse("[DONE]")
+
+
+# --- completion responses ------------------------------------------------------------------------
+def _completion_response(
+    state: ServerState, req: CompletionRequest, job: Job, finals: dict[str, RequestOutput]
+) -> dict[str, Any]:
+    choices = []
+    for request_id, out in finals.items():
+        index = job.choice_of[request_id]
+        prefix = job.prompt_texts[index // job.n] if req.echo else ""
+        logprobs = (
+            proto.completion_logprobs(out.logprobs, state.token_text) if req.logprobs is not None else None
+        )
+        choices.append(
+            {
+                "index": index,
+                "text": prefix + out.text,
+                "logprobs": logprobs,
+                "finish_reason": proto.finish_reason(out),
+            }
+        )
+    choices.sort(key=lambda c: c["index"])
+    completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    return {
+        "id": job.id,
+        "object": "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens),
+    }
+
+
+async def _completion_events(state: ServerState, req: CompletionRequest, job: Job) -> AsyncIterator[str]:
+    base = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
+
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
+        event = {
+            **base,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if req.include_usage:
+            event["usage"] = None
+        return _sse(event)
+
+    if req.echo:
+        for index in range(job.num_choices):
+            yield chunk(index, job.prompt_texts[index // job.n])
+    logprobs_sent = [0] * job.num_choices
+    text_offset = [0] * job.num_choices
+    completion_tokens = 0
+    async for index, out in _stream_outputs(job):
+        if isinstance(out, APIError):
+            yield _sse(out.body())
+            yield _sse("[DONE]")
+            return
+        logprobs = None
+        if req.logprobs is not None and len(out.logprobs) > logprobs_sent[index]:
+            logprobs = proto.completion_logprobs(
+                out.logprobs[logprobs_sent[index] :], state.token_text, text_offset[index]
+            )
+            logprobs_sent[index] = len(out.logprobs)
+            text_offset[index] += sum(len(t) for t in logprobs["tokens"])
+        if out.finished:
+            completion_tokens += len(out.token_ids)
+            yield chunk(index, out.delta, proto.finish_reason(out), logprobs)
+        elif out.delta or logprobs:
+            yield chunk(index, out.delta, None, logprobs)
+    if req.include_usage:
+        yield _sse(
+            {**base, "choices": [], "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens)}
+        )
+    yield _sse("[DONE]")
