@@ -90,6 +90,11 @@ def grid_stride_blocks(n: int, threads: int, max_blocks: int = 1024) -> int:
 def contiguous(a: Any, dtype: Any = None) -> Any:
     """``a`` as a C-contiguous array of the backend's array module (copied only if needed).
 
-    Host arrays given to a GPU backend are moved to the device here, once per call.
+    Host arrays given to a GPU backend are moved to the device here, once per call. The
+    simulator copies every argument back to the host after a launch, so a read-only host
+    array (a memory-mapped weight, say) is copied first.
     """
-    return xp.ascontiguousarray(xp.asarray(a), dtype=dtype)
+    out = xp.ascontiguousarray(xp.asarray(a), dtype=dtype)
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        out = out.copy()
+    return out
