@@ -20,7 +20,6 @@ import numpy as np
 
 from nanoserve.errors import InvalidSamplingParams
 
-
 GREEDY_BELOW = 1e-5
 
 
