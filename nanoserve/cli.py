@@ -133,9 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     from nanoserve.engine import LLM
 
-    llm = LLM.__new__(LLM)  # reuse the engine built above
-    llm.engine, llm.tokenizer = engine, engine.tokenizer
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    outputs = LLM(engine=engine).generate(prompts, params, use_tqdm=True)
     for i, out in enumerate(outputs):
         if args.jsonl:
             print(json.dumps({"index": i, "text": out.text, "finish_reason": out.finish_reason, "num_tokens": len(out.token_ids)}))

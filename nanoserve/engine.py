@@ -320,8 +320,8 @@ class LLM:
     >>> outs[0].text, outs[0].finish_reason, outs[0].time_to_first_token
     """
 
-    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+    def __init__(self, model: str | None = None, engine: LLMEngine | None = None, **engine_kwargs: Any) -> None:
+        self.engine = engine or LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from nanoserve.errors import ModelLoadError
 from nanoserve.kernels import Backend, get_backend
 from nanoserve.model.config import LlamaConfig
 from nanoserve.model.gguf_file import load_gguf
@@ -12,7 +13,6 @@ from nanoserve.model.llama import LlamaModel
 from nanoserve.model.registry import resolve_model
 from nanoserve.model.safetensors_file import load_hf_dir
 from nanoserve.model.weights import GGUF_NAMES, HF_NAMES, LlamaWeights, build_weights
-from nanoserve.quant import QuantizedWeight
 from nanoserve.tokenizer import Tokenizer
 
 
@@ -37,10 +37,9 @@ def load_checkpoint(model: str | None = None, weights: str = "fp32") -> LoadedMo
     else:
         meta, tensors = load_gguf(path)
         embed = tensors.get(GGUF_NAMES["embed"])
-        vocab = embed.shape[0] if isinstance(embed, QuantizedWeight) else len(meta.get("tokenizer.ggml.tokens", []))
-        if embed is not None and not isinstance(embed, QuantizedWeight):
-            vocab = embed.shape[0]
-        config = LlamaConfig.from_gguf_metadata(meta, vocab_size=int(vocab), has_output=GGUF_NAMES["lm_head"] in tensors)
+        if embed is None:
+            raise ModelLoadError(f"{path!r} has no tensor {GGUF_NAMES['embed']!r}")
+        config = LlamaConfig.from_gguf_metadata(meta, vocab_size=int(embed.shape[0]), has_output=GGUF_NAMES["lm_head"] in tensors)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         built = build_weights(config, tensors, GGUF_NAMES, weights)
         name = name.removesuffix(".gguf")
