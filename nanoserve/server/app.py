@@ -440,11 +440,16 @@ def _chat_response(
                 "finish_reason": proto.finish_reason(out),
             }
         )
+    return _response(job, "chat.completion", choices, finals)
+
+
+def _response(job: Job, object_name: str, choices: list[dict[str, Any]], finals: dict[str, Any]) -> dict[str, Any]:
+    """The non-streaming body shared by both endpoints: choices in index order and exact usage."""
     choices.sort(key=lambda c: c["index"])
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     return {
         "id": job.id,
-        "object": "chat.completion",
+        "object": object_name,
         "created": job.created,
         "model": job.model,
         "choices": choices,
@@ -509,16 +514,7 @@ def _completion_response(
                 "finish_reason": proto.finish_reason(out),
             }
         )
-    choices.sort(key=lambda c: c["index"])
-    completion_tokens = sum(len(out.token_ids) for out in finals.values())
-    return {
-        "id": job.id,
-        "object": "text_completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": choices,
-        "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens),
-    }
+    return _response(job, "text_completion", choices, finals)
 
 
 async def _completion_events(state: ServerState, req: CompletionRequest, job: Job) -> AsyncIterator[str]:
