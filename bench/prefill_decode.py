@@ -61,7 +61,7 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_nanoserve(loaded: Any, prompt: list[int], new_tokens: int, runs: int, weights: str) -> dict[str, Any]:
+def bench_nanoserve(loaded: Any, prompt: list[int], new_tokens: int, runs: int, weights: str, backend: str) -> dict[str, Any]:
     """Prefill = the engine step computing the whole prompt; decode = the ``new_tokens`` steps after it."""
     from nanoserve.engine import EngineConfig, LLMEngine
     from nanoserve.sampling import SamplingParams
@@ -69,7 +69,7 @@ def bench_nanoserve(loaded: Any, prompt: list[int], new_tokens: int, runs: int, 
     total = len(prompt) + new_tokens + 1
     block_size = 16
     engine = LLMEngine(
-        EngineConfig(weights=weights, block_size=block_size, num_blocks=-(-total // block_size) + 1, max_num_batched_tokens=max(512, len(prompt))),
+        EngineConfig(backend=backend, weights=weights, block_size=block_size, num_blocks=-(-total // block_size) + 1, max_num_batched_tokens=max(512, len(prompt))),
         loaded=loaded,
     )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True)
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="timed runs per engine (the median is reported)")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (NumPy's BLAS uses its own default)")
+    ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend (default: cpu)")
     ap.add_argument("--weights", default="fp32", help="nanoserve weight format (fp32 | fp16 | int8 | int4 | gguf)")
     ap.add_argument("--hf", action="store_true", help="also run HF transformers (loads in ~15 s)")
     ap.add_argument("--skip-llama", action="store_true", help="do not run llama.cpp")
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     print("nanoserve ...", flush=True)
-    results["nanoserve"] = bench_nanoserve(loaded, prompt, args.new_tokens, args.runs, args.weights)
-    results["nanoserve"]["label"] = f"nanoserve (ref, {args.weights})"
+    results["nanoserve"] = bench_nanoserve(loaded, prompt, args.new_tokens, args.runs, args.weights, args.backend)
+    results["nanoserve"]["label"] = f"nanoserve ({args.backend}, {args.weights})"
     if args.hf:
         print("HF transformers ...", flush=True)
         try:

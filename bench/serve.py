@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="model for the nanoserve server it starts (default: SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--backend", default="ref", help="nanoserve kernel backend (default: ref)")
+    p.add_argument("--backend", default="cpu", help="nanoserve kernel backend (default: cpu)")
     p.add_argument("--weights", default="fp32", help="nanoserve weight format (default: fp32)")
     p.add_argument(
         "--blas-threads",

@@ -80,6 +80,7 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
     from nanoserve.sampling import SamplingParams
 
     config = EngineConfig(
+        backend=args.backend,
         weights=args.weights,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="nanoserve's token budget per step")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV pages for nanoserve")
+    ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend")
     ap.add_argument("--weights", default="fp32", help="nanoserve weight format")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped: dict[str, str] = {}
     print("nanoserve ...", flush=True)
     results["nanoserve"] = bench_nanoserve(loaded, workload, args)
-    results["nanoserve"].update(engine=f"nanoserve (ref, {args.weights})", short="nanoserve", parallel=f"{args.parallel}, continuous")
+    results["nanoserve"].update(engine=f"nanoserve ({args.backend}, {args.weights})", short="nanoserve", parallel=f"{args.parallel}, continuous")
     if not args.skip_hf:
         print("HF transformers ...", flush=True)
         try:

@@ -22,7 +22,7 @@ from nanoserve.errors import NanoserveError
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="a known name (default: SmolLM2-135M-Instruct), a .gguf file, or an HF directory with config.json + *.safetensors + tokenizer.json")
-    g.add_argument("--backend", default="ref", help="kernel backend: ref (NumPy), cuda (Numba CUDA + CuPy), a registered name, or a path to a .py file defining kernels")
+    g.add_argument("--backend", default="cpu", help="kernel backend: cpu (Numba-compiled, the default), ref (NumPy reference), cuda (Numba CUDA + CuPy), a registered name, or a path to a .py file defining kernels")
     g.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "int8", "int4", "gguf"], help="weight format in memory; gguf keeps the file's quantized blocks (default: fp32)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks in the pool (default: from --kv-cache-memory)")

@@ -40,7 +40,7 @@ from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer
 @dataclass
 class EngineConfig:
     model: str | None = None  # name, .gguf path or HF directory (None: SmolLM2-135M-Instruct)
-    backend: str = "ref"
+    backend: str = "cpu"  # kernels: cpu (Numba, fast), ref (NumPy, the spec), cuda, or a .py path
     weights: str = "fp32"  # fp32 | fp16 | int8 | int4 | gguf
     block_size: int = 16
     num_blocks: int | None = None  # explicit pool size; else from kv_cache_memory
@@ -315,7 +315,7 @@ class LLMEngine:
 class LLM:
     """Offline batched generation, in the shape of vLLM's ``LLM``.
 
-    >>> llm = LLM()                                   # SmolLM2-135M-Instruct on the ref backend
+    >>> llm = LLM()                                   # SmolLM2-135M-Instruct on the cpu backend
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
     >>> outs[0].text, outs[0].finish_reason, outs[0].time_to_first_token
     """

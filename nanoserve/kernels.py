@@ -49,6 +49,7 @@ class Backend:
 # name -> module, namespace, or a zero-argument factory returning one (imported lazily)
 _REGISTRY: dict[str, Any] = {
     "ref": kernels_ref,
+    "cpu": lambda: importlib.import_module("kernels_cpu"),
     "cuda": lambda: importlib.import_module("kernels_cuda"),
 }
 

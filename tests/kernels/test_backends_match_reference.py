@@ -2,8 +2,8 @@
 
 The properties themselves live in nanoserve.check_kernels (the same suite students run
 with ``python -m nanoserve check-kernels``); here they run for ``ref`` (trivially equal
-to itself: a check of the suite's generators) and ``cuda`` (on the simulator without a
-GPU). Edge cases run first every time: empty batches, length-1 sequences, lengths that
+to itself: a check of the suite's generators), ``cpu`` (Numba-compiled) and ``cuda`` (on
+the simulator without a GPU). Edge cases run first every time: empty batches, length-1 sequences, lengths that
 are exact multiples of the block size, disabled filters.
 """
 
@@ -20,16 +20,16 @@ from tests.kernels.conftest import limits_for
 
 
 @pytest.mark.parametrize("kernel", kernels_ref.KERNEL_NAMES)
-@pytest.mark.parametrize("backend", ["ref", "cuda"])
+@pytest.mark.parametrize("backend", ["ref", "cpu", "cuda"])
 def test_kernel_matches_reference_over_random_shapes(backend: str, kernel: str, profile) -> None:
     report = check_kernel(backend, kernel, limits=limits_for(backend), parent=profile)
     assert report.status == "pass", report.describe_failure()
     assert report.examples >= 1
 
 
-def test_cuda_backend_implements_the_whole_contract() -> None:
-    backend = get_backend("cuda")
-    assert backend.fallbacks == ()
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_built_in_backends_implement_the_whole_contract(backend: str) -> None:
+    assert get_backend(backend).fallbacks == ()
 
 
 def test_every_kernel_has_a_spec() -> None:

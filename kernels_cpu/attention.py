@@ -1,0 +1,144 @@
+"""Paged attention and ``store_kv`` compiled for the CPU (spec: kernels_ref.attention).
+
+Decodes read the pages in place. The reference gathers every sequence's pages into one
+padded [S, L, Hkv, D] array before multiplying, which copies the whole KV context on
+every layer of every step (and pads each sequence to the longest). Here one task per
+(sequence s, KV head kvh) walks s's block table and reads each key and value once,
+straight from the pool, for all g = H / Hkv query heads that share them (GQA)::
+
+    for task in prange(S * Hkv):                       tasks split over the threads
+        s, kvh = divmod(task, Hkv)
+        for j in 0 .. seq_len-1:                        (1) scores, keys read in place
+            key = k_cache[block_tables[s, j // B], j % B, kvh]
+            scores[:, j] = scale * q[s, heads of kvh] . key          [g]
+        p = softmax(scores, axis=-1)                    (2) per query head
+        for j in 0 .. seq_len-1:                        (3) values read in place
+            out[s, heads of kvh] += p[:, j] * v_cache[block_tables[s, j // B], j % B, kvh]
+
+A plain three-pass softmax is enough here: a task owns the whole row of scores (at most
+seq_len floats per head), so the online softmax of the GPU kernel, which exists to never
+hold that row, buys nothing on a CPU core.
+
+Prefill chunks (q_len > 1) go through the reference path: gather the sequence's pages
+once, then BLAS matmuls. With q_len queries per gathered key the copy is cheap next to
+the q_len * seq_len dot products, and BLAS does those faster than a compiled loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+import kernels_ref
+from kernels_cpu.pointwise import FASTMATH
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out):
+    # q [S, H, D] f32; k_cache, v_cache [N, B, Hkv, D] f32; block_tables [S, max_blocks] int64;
+    # seq_lens [S] int64; out [S, H, D] f32 (written)
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    for task in prange(num_seqs * num_kv_heads):
+        s, kvh = task // num_kv_heads, task % num_kv_heads
+        seq_len = seq_lens[s]
+        queries = q[s, kvh * group : (kvh + 1) * group]  # [g, D], the heads that share kvh
+        scores = np.empty((group, seq_len), dtype=np.float32)  # this task's rows of scores
+        for j in range(seq_len):  # (1) q . k for every key, read where it lies in the pool
+            key = k_cache[block_tables[s, j // block_size], j % block_size, kvh]  # [D], a view
+            for g in range(group):
+                query = queries[g]
+                dot = np.float32(0.0)
+                for d in range(head_dim):
+                    dot += query[d] * key[d]
+                scores[g, j] = dot * scale
+        for g in range(group):  # (2) softmax of each query head's row
+            row = scores[g]
+            row_max = row.max()
+            total = np.float32(0.0)
+            for j in range(seq_len):
+                row[j] = math.exp(row[j] - row_max)
+                total += row[j]
+            row /= total
+        acc = out[s, kvh * group : (kvh + 1) * group]  # [g, D], accumulated in place
+        acc[:] = 0.0
+        for j in range(seq_len):  # (3) the probability-weighted sum of the values
+            value = v_cache[block_tables[s, j // block_size], j % block_size, kvh]  # [D]
+            for g in range(group):
+                p, acc_g = scores[g, j], acc[g]
+                for d in range(head_dim):
+                    acc_g[d] += p * value[d]
+
+
+def paged_attention(
+    q: np.ndarray,  # [T, H, D]
+    k_cache: np.ndarray,  # [N, B, Hkv, D]
+    v_cache: np.ndarray,  # [N, B, Hkv, D]
+    block_tables: np.ndarray,  # [S, max_blocks] int
+    query_start_loc: np.ndarray,  # [S + 1] int
+    seq_lens: np.ndarray,  # [S] int
+    scale: float,
+) -> np.ndarray:  # -> [T, H, D]
+    """Varlen causal attention over pages; the contract of kernels_ref.paged_attention."""
+    out = np.zeros(q.shape, dtype=q.dtype)
+    if k_cache.dtype != np.float32:  # no float16 arithmetic in Numba's CPU target
+        k_cache, v_cache = k_cache.astype(np.float32), v_cache.astype(np.float32)
+    query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    q_lens = np.diff(query_start_loc)
+    decodes = np.nonzero(q_lens == 1)[0]
+    if len(decodes):
+        rows = query_start_loc[decodes]
+        decode_out = np.empty((len(decodes), *q.shape[1:]), dtype=np.float32)
+        _decode_attention(
+            np.ascontiguousarray(q[rows], dtype=np.float32),
+            k_cache,
+            v_cache,
+            np.ascontiguousarray(block_tables[decodes], dtype=np.int64),
+            seq_lens[decodes],
+            np.float32(scale),
+            decode_out,
+        )
+        out[rows] = decode_out
+    block_size = k_cache.shape[1]
+    for s in np.nonzero(q_lens > 1)[0]:  # prefill chunks: gather once, then BLAS
+        start, end, seq_len = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(seq_lens[s])
+        blocks = block_tables[s, : -(-seq_len // block_size)]
+        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:seq_len]  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:seq_len]
+        out[start:end] = kernels_ref.attention(q[start:end], k, v, scale)
+    return out
+
+
+@njit(cache=True)
+def _scatter(k, v, k_cache, v_cache, slot_mapping):
+    # k, v [T, Hkv, D] f32; k_cache, v_cache [N, B, Hkv, D] f32 (written); slot_mapping [T] int64
+    block_size = k_cache.shape[1]
+    for t in range(k.shape[0]):
+        slot = slot_mapping[t]
+        if slot >= 0:  # a negative slot is a padding token: nothing to store
+            k_cache[slot // block_size, slot % block_size] = k[t]
+            v_cache[slot // block_size, slot % block_size] = v[t]
+
+
+def store_kv(
+    k: np.ndarray,  # [T, Hkv, D]
+    v: np.ndarray,  # [T, Hkv, D]
+    k_cache: np.ndarray,  # [N, B, Hkv, D], written in place
+    v_cache: np.ndarray,  # [N, B, Hkv, D], written in place
+    slot_mapping: np.ndarray,  # [T] int; -1 = skip this token
+) -> None:
+    """Write each token's key and value into its slot; the contract of kernels_ref.store_kv."""
+    if k_cache.dtype != np.float32:  # a float16 cache: NumPy's scatter converts on write
+        kernels_ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _scatter(
+        k.astype(np.float32, copy=False),
+        v.astype(np.float32, copy=False),
+        k_cache,
+        v_cache,
+        np.asarray(slot_mapping, dtype=np.int64),
+    )

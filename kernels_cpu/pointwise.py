@@ -1,0 +1,69 @@
+"""RMSNorm and RoPE as single compiled passes over the rows (spec: kernels_ref.norm, .rope).
+
+NumPy evaluates ``x / sqrt(mean(x*x) + eps) * w`` as five passes over memory with a
+temporary array each; here every row is read twice (sum of squares, then scale) and
+written once. The same for RoPE: the reference builds cos/sin tables [T, D/2] and
+concatenates two halves; here each token's angles are computed once and applied to all
+its heads in place of the output.
+
+Both run on one thread: a decode step has a few dozen rows of a few hundred floats, and
+waking a thread pool would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# reassoc + contract let LLVM vectorise sums and fuse multiply-adds; no "fast" flags that
+# assume finite values (inputs may hold inf, and the tests check that it propagates)
+FASTMATH = {"reassoc", "contract"}
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rms_norm_rows(x, w, eps, out):  # [R, d] f32, [d] f32, float, [R, d] f32 (written)
+    rows, d = x.shape
+    for r in range(rows):
+        sum_sq = 0.0  # float64: the mean of d squares, rounded once
+        for i in range(d):
+            sum_sq += np.float64(x[r, i]) * x[r, i]
+        inv_rms = np.float32(1.0 / math.sqrt(np.float32(sum_sq / d) + eps))
+        for i in range(d):
+            out[r, i] = x[r, i] * inv_rms * w[i]
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
+    """``y = x / sqrt(mean(x**2, axis=-1) + eps) * w`` (float32 out, like the reference)."""
+    d = x.shape[-1]
+    rows = np.ascontiguousarray(x.reshape(-1, d), dtype=np.float32)
+    out = np.empty(rows.shape, dtype=np.float32)
+    _rms_norm_rows(rows, np.ascontiguousarray(w, dtype=np.float32), float(eps), out)
+    return out.reshape(x.shape)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rope_rows(x, cos, sin, out):  # [T, H, D] f32, [T, D/2] f32 x2, [T, H, D] f32 (written)
+    tokens, heads, dim = x.shape
+    half = dim // 2
+    for t in range(tokens):
+        for h in range(heads):
+            for i in range(half):
+                x1, x2 = x[t, h, i], x[t, h, i + half]
+                out[t, h, i] = x1 * cos[t, i] - x2 * sin[t, i]
+                out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:  # [T, H, D], [T] -> [T, H, D]
+    """Rotate pair (x[i], x[i + D/2]) of every head of token t by ``positions[t] * theta**(-2i/D)``.
+
+    The angle tables come from NumPy exactly as in the reference (its vectorised cos/sin
+    beat a compiled scalar loop); the rotation of every head is the compiled pass.
+    """
+    dim = x.shape[-1]
+    inv_freq = theta ** (-np.arange(dim // 2, dtype=np.float64) * 2.0 / dim)  # [D/2]
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
+    out = np.empty(x.shape, dtype=np.float32)
+    _rope_rows(x.astype(np.float32, copy=False), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), out)
+    return out

@@ -1,0 +1,92 @@
+"""The Numba ``cpu`` backend at the default model's real shapes, and end to end.
+
+The kernel property suite (tests/kernels) holds every ``cpu`` kernel to the reference on
+small random shapes. Here: the shapes the suite keeps small (a decode batch of long
+contexts, more rows than ``linear``'s few-rows threshold), and the whole engine, which
+must choose the same tokens on ``cpu`` as on ``ref``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels_cpu
+import kernels_ref
+from kernels_cpu.linear import FEW_ROWS
+from nanoserve.engine import LLMEngine
+from nanoserve.sampling import SamplingParams
+
+
+def _paged_batch(rng: np.random.Generator, q_lens: list[int], seq_lens: list[int], block_size: int = 16):
+    """SmolLM2's attention shapes, every sequence's pages scattered through a larger pool."""
+    blocks = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks) + 7
+    physical = rng.permutation(num_blocks)
+    tables = np.full((len(seq_lens), max(blocks) + 2), num_blocks + 99, dtype=np.int64)  # unused: out of range
+    start = 0
+    for s, n in enumerate(blocks):
+        tables[s, :n] = physical[start : start + n]
+        start += n
+    cache_shape = (num_blocks, block_size, 3, 64)
+    query_start_loc = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+    q = rng.standard_normal((int(query_start_loc[-1]), 9, 64)).astype(np.float32)
+    k_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    v_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    return q, k_cache, v_cache, tables, query_start_loc, np.array(seq_lens, dtype=np.int64), 0.125
+
+
+def test_decode_batch_of_long_contexts_matches_reference():
+    rng = np.random.default_rng(0)
+    seq_lens = rng.integers(1, 700, 32).tolist() + [16, 512, 513]
+    args = _paged_batch(rng, [1] * len(seq_lens), seq_lens)
+    np.testing.assert_allclose(kernels_cpu.paged_attention(*args), kernels_ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_mixed_batch_of_prefill_chunks_and_decodes_matches_reference():
+    rng = np.random.default_rng(1)
+    args = _paged_batch(rng, q_lens=[1, 200, 1, 37, 1], seq_lens=[300, 200, 17, 400, 1])
+    np.testing.assert_allclose(kernels_cpu.paged_attention(*args), kernels_ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, FEW_ROWS, FEW_ROWS + 1, 300])
+def test_linear_matches_reference_on_both_sides_of_the_few_rows_threshold(rows: int):
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 576)).astype(np.float32)
+    w = rng.standard_normal((1536, 576)).astype(np.float32)
+    got = kernels_cpu.linear(x, w)
+    assert got.shape == (rows, 1536) and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, kernels_ref.linear(x, w), atol=1e-3, rtol=1e-4)
+
+
+def _greedy(loaded, backend: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    engine = LLMEngine(loaded=loaded, backend=backend, max_num_batched_tokens=64)
+    first_logits: list[np.ndarray] = []
+    execute = engine.runner.execute
+
+    def recording_execute(batch):
+        logits, requests = execute(batch)
+        first_logits.append(logits.copy())
+        return logits, requests
+
+    engine.runner.execute = recording_execute
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+    return [final[i] for i in ids], first_logits
+
+
+def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded):
+    tok = smollm2_loaded.tokenizer
+    prompts = [tok.encode(p) for p in ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]]
+    prompts.append(tok.encode("Tell me about the sea. " * 12))  # 72 tokens: chunked prefill (budget 64)
+    ref_tokens, ref_logits = _greedy(smollm2_loaded, "ref", prompts, 12)
+    cpu_tokens, cpu_logits = _greedy(smollm2_loaded, "cpu", prompts, 12)
+    assert cpu_tokens == ref_tokens
+    assert len(cpu_logits) == len(ref_logits)
+    for got, want in zip(cpu_logits, ref_logits):
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
