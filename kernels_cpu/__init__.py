@@ -18,29 +18,22 @@ temporaries dominates, and takes the rest from the reference on purpose:
 Numba's CPU target has no float16 arithmetic, so a float16 KV cache is read as float32
 (``paged_attention``) or written through NumPy (``store_kv``); the engine's cache is
 float32. Compiled code is cached on disk (``cache=True``): the first run in a fresh
-checkout spends a few seconds compiling. ``parallel=True`` kernels split their outer
-loop across ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS`` sets it).
+checkout spends a few seconds compiling.
 
-Threads: the matmuls run on OpenBLAS's threads and the parallel kernels on Numba's
-(OpenMP when available). OpenMP threads spin for a while after each kernel, waiting for
-more work, and on a small machine that spinning takes the cores away from the next
-matmul (measured here: 5x slower steps). So this package asks OpenMP to let its idle
-threads sleep (``OMP_WAIT_POLICY=passive``) unless the environment already says otherwise;
-that must happen before the OpenMP runtime loads, so import this backend early.
+Threads: every kernel here runs on the calling thread; only the matmuls use threads
+(OpenBLAS's). Splitting the attention tasks over Numba threads as well made serving
+slower on 2 cores (see ``kernels_cpu.attention``), and Numba's OpenMP threads, which
+spin while they wait for work, made it 5x slower before they were told to sleep.
 
     >>> from nanoserve.kernels import get_backend
     >>> get_backend("cpu").fallbacks
     ()
 """
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # see "Threads" above; read when OpenMP loads
-
-from kernels_cpu.attention import paged_attention, store_kv  # noqa: E402
-from kernels_cpu.linear import linear  # noqa: E402
-from kernels_cpu.pointwise import rms_norm, rope  # noqa: E402
-from kernels_ref import (  # noqa: E402
+from kernels_cpu.attention import paged_attention, store_kv
+from kernels_cpu.linear import linear
+from kernels_cpu.pointwise import rms_norm, rope
+from kernels_ref import (
     attention,
     linear_int4,
     linear_int8,

@@ -6,7 +6,7 @@ every layer of every step (and pads each sequence to the longest). Here one task
 (sequence s, KV head kvh) walks s's block table and reads each key and value once,
 straight from the pool, for all g = H / Hkv query heads that share them (GQA)::
 
-    for task in prange(S * Hkv):                       tasks split over the threads
+    for task in range(S * Hkv):                        independent tasks
         s, kvh = divmod(task, Hkv)
         for j in 0 .. seq_len-1:                        (1) scores, keys read in place
             key = k_cache[block_tables[s, j // B], j % B, kvh]
@@ -14,6 +14,12 @@ straight from the pool, for all g = H / Hkv query heads that share them (GQA)::
         p = softmax(scores, axis=-1)                    (2) per query head
         for j in 0 .. seq_len-1:                        (3) values read in place
             out[s, heads of kvh] += p[:, j] * v_cache[block_tables[s, j // B], j % B, kvh]
+
+The tasks are independent, so ``prange`` would split them over threads. On the 2-core
+machine this project is measured on, that made whole serving runs ~8% *slower*
+(``bench/profile.py``, 16 requests, alternating runs: 64-65 tok/s on one thread,
+59-61 on two): the second core is busy with OpenBLAS's threads between kernels, and
+Numba's threads have to be woken for every layer. So the loop is a plain ``range``.
 
 A plain three-pass softmax is enough here: a task owns the whole row of scores (at most
 seq_len floats per head), so the online softmax of the GPU kernel, which exists to never
@@ -29,20 +35,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 import kernels_ref
 from kernels_cpu.pointwise import FASTMATH
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out):
     # q [S, H, D] f32; k_cache, v_cache [N, B, Hkv, D] f32; block_tables [S, max_blocks] int64;
     # seq_lens [S] int64; out [S, H, D] f32 (written)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    for task in prange(num_seqs * num_kv_heads):
+    for task in range(num_seqs * num_kv_heads):
         s, kvh = task // num_kv_heads, task % num_kv_heads
         seq_len = seq_lens[s]
         queries = q[s, kvh * group : (kvh + 1) * group]  # [g, D], the heads that share kvh
