@@ -2,27 +2,32 @@
 
 Decodes read the pages in place. The reference gathers every sequence's pages into one
 padded [S, L, Hkv, D] array before multiplying, which copies the whole KV context on
-every layer of every step (and pads each sequence to the longest). Here one task per
-(sequence s, KV head kvh) walks s's block table and reads each key and value once,
-straight from the pool, for all g = H / Hkv query heads that share them (GQA)::
+every layer of every step (and pads each sequence to the longest). Here each sequence
+walks its block table and reads each key and value once, straight from the pool::
 
-    for task in range(S * Hkv):                        independent tasks
-        s, kvh = divmod(task, Hkv)
+    for s in range(S):
         for j in 0 .. seq_len-1:                        (1) scores, keys read in place
-            key = k_cache[block_tables[s, j // B], j % B, kvh]
-            scores[:, j] = scale * q[s, heads of kvh] . key          [g]
+            keys = k_cache[block_tables[s, j // B], j % B]             [Hkv, D]
+            scores[h, j] = scale * q[s, h] . keys[h // g]   for every query head h (GQA)
         p = softmax(scores, axis=-1)                    (2) per query head
-        for j in 0 .. seq_len-1:                        (3) values read in place
-            out[s, heads of kvh] += p[:, j] * v_cache[block_tables[s, j // B], j % B, kvh]
+        for j in 0 .. seq_len-1:                        (3) values, in the same order
+            values = v_cache[block_tables[s, j // B], j % B]           [Hkv, D]
+            out[s, h] += p[h, j] * values[h // g]       for every query head h
 
-The tasks are independent, so ``prange`` would split them over threads. On the 2-core
-machine this project is measured on, that made whole serving runs ~8% *slower*
-(``bench/profile.py``, 16 requests, alternating runs: 64-65 tok/s on one thread,
+The loop order follows the memory. A token's keys for all KV heads are one contiguous
+row of Hkv * D floats, and a block is B such rows, so the walk above reads each page
+front to back, which is what the hardware prefetcher predicts well. Walking one KV
+head at a time instead (the natural "task per (sequence, KV head)" of a GPU kernel)
+reads every third 256-byte piece of each page: measured 2x slower at SmolLM2's shapes.
+
+The sequences are independent, so ``prange`` could split them over threads. On the
+2-core machine this project is measured on, that made whole serving runs ~8% *slower*
+(``bench/step_profile.py``, 16 requests, alternating runs: 64-65 tok/s on one thread,
 59-61 on two): the second core is busy with OpenBLAS's threads between kernels, and
 Numba's threads have to be woken for every layer. So the loop is a plain ``range``.
 
-A plain three-pass softmax is enough here: a task owns the whole row of scores (at most
-seq_len floats per head), so the online softmax of the GPU kernel, which exists to never
+A plain three-pass softmax is enough here: a sequence's row of scores is at most
+seq_len floats per head, so the online softmax of the GPU kernel, which exists to never
 hold that row, buys nothing on a CPU core.
 
 Prefill chunks (q_len > 1) go through the reference path: gather the sequence's pages
@@ -48,35 +53,33 @@ def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out):
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    for task in range(num_seqs * num_kv_heads):
-        s, kvh = task // num_kv_heads, task % num_kv_heads
+    for s in range(num_seqs):
         seq_len = seq_lens[s]
-        queries = q[s, kvh * group : (kvh + 1) * group]  # [g, D], the heads that share kvh
-        scores = np.empty((group, seq_len), dtype=np.float32)  # this task's rows of scores
+        scores = np.empty((num_heads, seq_len), dtype=np.float32)
         for j in range(seq_len):  # (1) q . k for every key, read where it lies in the pool
-            key = k_cache[block_tables[s, j // block_size], j % block_size, kvh]  # [D], a view
-            for g in range(group):
-                query = queries[g]
+            keys = k_cache[block_tables[s, j // block_size], j % block_size]  # [Hkv, D], a view
+            for h in range(num_heads):
+                query, key = q[s, h], keys[h // group]
                 dot = np.float32(0.0)
                 for d in range(head_dim):
                     dot += query[d] * key[d]
-                scores[g, j] = dot * scale
-        for g in range(group):  # (2) softmax of each query head's row
-            row = scores[g]
+                scores[h, j] = dot * scale
+        for h in range(num_heads):  # (2) softmax of each query head's row
+            row = scores[h]
             row_max = row.max()
             total = np.float32(0.0)
             for j in range(seq_len):
                 row[j] = math.exp(row[j] - row_max)
                 total += row[j]
             row /= total
-        acc = out[s, kvh * group : (kvh + 1) * group]  # [g, D], accumulated in place
+        acc = out[s]  # [H, D], accumulated in place
         acc[:] = 0.0
         for j in range(seq_len):  # (3) the probability-weighted sum of the values
-            value = v_cache[block_tables[s, j // block_size], j % block_size, kvh]  # [D]
-            for g in range(group):
-                p, acc_g = scores[g, j], acc[g]
+            values = v_cache[block_tables[s, j // block_size], j % block_size]  # [Hkv, D]
+            for h in range(num_heads):
+                p, value, acc_h = scores[h, j], values[h // group], acc[h]
                 for d in range(head_dim):
-                    acc_g[d] += p * value[d]
+                    acc_h[d] += p * value[d]
 
 
 def paged_attention(

@@ -7,9 +7,9 @@ same ``--seed``) on one backend, with every kernel call timed, and prints two ta
     steps     engine steps grouped by kind (a decode-only step, or a step that also
               computes prompt tokens) and by batch size: count, median and total time
 
-    python bench/profile.py                        # cpu backend, 32 requests
-    python bench/profile.py --backend ref          # the reference kernels
-    python bench/profile.py --num-requests 8 --max-len 128
+    python bench/step_profile.py                        # cpu backend, 32 requests
+    python bench/step_profile.py --backend ref          # the reference kernels
+    python bench/step_profile.py --num-requests 8 --max-len 128
 
 The wrapper adds a few microseconds per call; against steps of tens to hundreds of
 milliseconds that is noise. What the tables cannot show is what is inside a kernel:
