@@ -4,7 +4,7 @@
     for each layer:                                   (pre-norm residual blocks)
         h = rms_norm(x)
         q, k, v = split(h @ W_qkv.T)                  [T, H, D], [T, Hkv, D], [T, Hkv, D]
-        q, k = rope(q, positions), rope(k, positions)
+        q, k = rope([q k], positions)                 (one call rotates the H + Hkv heads)
         a = kv_cache.attend(layer, q, k, v)           [T, H, D]  (stores k, v; reads the past)
         x = x + a @ W_o.T
         h = rms_norm(x)
@@ -57,11 +57,10 @@ class LlamaModel:
         for i, layer in enumerate(w.layers):
             h = k.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = apply_linear(k, h, layer.w_qkv)  # [T, q_size + 2 * kv_size]
-            q = qkv[:, :q_size].reshape(num_tokens, c.num_heads, c.head_dim)
-            key = qkv[:, q_size : q_size + kv_size].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+            qk = qkv[:, : q_size + kv_size].reshape(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
+            qk = k.rope(qk, positions, c.rope_theta)  # query and key heads: same positions, one call
+            q, key = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [T, H, D], [T, Hkv, D]
             value = qkv[:, q_size + kv_size :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
-            q = k.rope(q, positions, c.rope_theta)
-            key = k.rope(key, positions, c.rope_theta)
             attn = kv_cache.attend(i, q, key, value)  # [T, H, D]
             x = x + apply_linear(k, attn.reshape(num_tokens, q_size), layer.w_o)
             h = k.rms_norm(x, layer.ffn_norm, c.rms_norm_eps)
