@@ -21,9 +21,8 @@ float32. Compiled code is cached on disk (``cache=True``): the first run in a fr
 checkout spends a few seconds compiling.
 
 Threads: every kernel here runs on the calling thread; only the matmuls use threads
-(OpenBLAS's). Splitting the attention tasks over Numba threads as well made serving
-slower on 2 cores (see ``kernels_cpu.attention``), and Numba's OpenMP threads, which
-spin while they wait for work, made it 5x slower before they were told to sleep.
+(OpenBLAS's). Splitting attention over Numba threads as well made serving slower on
+2 cores (measured in ``kernels_cpu.attention``).
 
     >>> from nanoserve.kernels import get_backend
     >>> get_backend("cpu").fallbacks

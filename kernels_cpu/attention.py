@@ -23,8 +23,9 @@ reads every third 256-byte piece of each page: measured 2x slower at SmolLM2's s
 The sequences are independent, so ``prange`` could split them over threads. On the
 2-core machine this project is measured on, that made whole serving runs ~8% *slower*
 (``bench/step_profile.py``, 16 requests, alternating runs: 64-65 tok/s on one thread,
-59-61 on two): the second core is busy with OpenBLAS's threads between kernels, and
-Numba's threads have to be woken for every layer. So the loop is a plain ``range``.
+59-61 on two), likely because the kernel is bound by memory latency, which a second
+thread on a small VM barely hides, while waking Numba's threads costs on every layer.
+So the loop is a plain ``range``.
 
 A plain three-pass softmax is enough here: a sequence's row of scores is at most
 seq_len floats per head, so the online softmax of the GPU kernel, which exists to never

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 # reassoc + contract let LLVM vectorise sums and fuse multiply-adds; no "fast" flags that
-# assume finite values (inputs may hold inf, and the tests check that it propagates)
+# assume finite values (an overflowing activation must stay inf, as in the reference)
 FASTMATH = {"reassoc", "contract"}
 
 
