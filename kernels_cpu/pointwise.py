@@ -2,9 +2,9 @@
 
 NumPy evaluates ``x / sqrt(mean(x*x) + eps) * w`` as five passes over memory with a
 temporary array each; here every row is read twice (sum of squares, then scale) and
-written once. The same for RoPE: the reference builds cos/sin tables [T, D/2] and
-concatenates two halves; here each token's angles are computed once and applied to all
-its heads in place of the output.
+written once. For RoPE the cos/sin tables [T, D/2] still come from NumPy, as in the
+reference; one compiled pass then rotates every head, where the reference makes four
+products, two sums and a concatenation.
 
 Both run on one thread: a decode step has a few dozen rows of a few hundred floats, and
 waking a thread pool would cost more than the work.

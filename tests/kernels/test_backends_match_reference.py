@@ -3,8 +3,8 @@
 The properties themselves live in nanoserve.check_kernels (the same suite students run
 with ``python -m nanoserve check-kernels``); here they run for ``ref`` (trivially equal
 to itself: a check of the suite's generators), ``cpu`` (Numba-compiled) and ``cuda`` (on
-the simulator without a GPU). Edge cases run first every time: empty batches, length-1 sequences, lengths that
-are exact multiples of the block size, disabled filters.
+the simulator without a GPU). Edge cases run first every time: empty batches, length-1
+sequences, lengths that are exact multiples of the block size, disabled filters.
 """
 
 from __future__ import annotations
