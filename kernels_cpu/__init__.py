@@ -11,6 +11,7 @@ temporaries dominates, and takes the rest from the reference on purpose:
     compiled here         paged_attention (decodes read pages in place), store_kv,
                           rms_norm, rope
     BLAS, reordered       linear: a decode batch's few rows go through (W @ x.T).T
+    NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
     the reference's       the quantized linears (dequantize, then BLAS), silu_mul and
     (already the best     softmax (SIMD ufuncs), attention (BLAS), the sampling filters,
     NumPy can do)         and the prefill chunks of paged_attention (gather, then BLAS)
@@ -32,6 +33,7 @@ Threads: every kernel here runs on the calling thread; only the matmuls use thre
 from kernels_cpu.attention import paged_attention, store_kv
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope
+from kernels_cpu.sampling import top_p_filter
 from kernels_ref import (
     attention,
     linear_int4,
@@ -43,7 +45,6 @@ from kernels_ref import (
     silu_mul,
     softmax,
     top_k_filter,
-    top_p_filter,
 )
 
 __all__ = [

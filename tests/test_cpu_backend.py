@@ -90,3 +90,22 @@ def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded):
     assert len(cpu_logits) == len(ref_logits)
     for got, want in zip(cpu_logits, ref_logits):
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("logits_kind", ["normal", "ties", "flat", "peaked"])
+def test_top_p_filter_keeps_the_reference_tokens_over_a_real_vocabulary(logits_kind: str):
+    """The candidate search (128 tokens, growing 8x) must cut exactly where the full sort does."""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((6, 49152)) * 3.0
+    if logits_kind == "ties":
+        logits = np.round(logits)  # ~20 distinct values: ties at every cut
+    elif logits_kind == "flat":
+        logits[:] = 0.5  # every token tied: the cut needs the whole row
+    elif logits_kind == "peaked":
+        logits[:, :10] += 25.0  # nearly all mass in 10 tokens
+    logits = logits.astype(np.float32)
+    top_p = np.array([0.05, 0.5, 0.9, 0.99, 0.9999, 1.0])
+    got = kernels_cpu.top_p_filter(logits, top_p)
+    want = kernels_ref.top_p_filter(logits, top_p)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got[:5]).sum(axis=-1).min() >= 1  # the top token always survives
