@@ -21,9 +21,10 @@ head at a time instead (the natural "task per (sequence, KV head)" of a GPU kern
 reads every third 256-byte piece of each page: measured 2x slower at SmolLM2's shapes.
 
 The sequences are independent, so ``prange`` could split them over threads. On the
-2-core machine this project is measured on, that made whole serving runs ~8% *slower*
-(``bench/step_profile.py``, 16 requests, alternating runs: 64-65 tok/s on one thread,
-59-61 on two), likely because the kernel is bound by memory latency, which a second
+2-core machine this project is measured on, splitting (sequence, KV head) tasks that way
+made whole serving runs ~8% *slower* (``bench/step_profile.py``, 16 requests,
+alternating runs: 64-65 tok/s on one thread, 59-61 on two), and splitting sequences was
+no faster in a microbenchmark with a matmul between calls; likely because the kernel is bound by memory latency, which a second
 thread on a small VM barely hides, while waking Numba's threads costs on every layer.
 So the loop is a plain ``range``.
 
