@@ -24,9 +24,9 @@ The sequences are independent, so ``prange`` could split them over threads. On t
 2-core machine this project is measured on, splitting (sequence, KV head) tasks that way
 made whole serving runs ~8% *slower* (``bench/step_profile.py``, 16 requests,
 alternating runs: 64-65 tok/s on one thread, 59-61 on two), and splitting sequences was
-no faster in a microbenchmark with a matmul between calls; likely because the kernel is bound by memory latency, which a second
-thread on a small VM barely hides, while waking Numba's threads costs on every layer.
-So the loop is a plain ``range``.
+no faster in a microbenchmark with a matmul between calls. Likely the kernel is bound
+by memory latency, which a second thread on a small VM barely hides, while waking
+Numba's threads costs something on every layer. So the loop is a plain ``range``.
 
 A plain three-pass softmax is enough here: a sequence's row of scores is at most
 seq_len floats per head, so the online softmax of the GPU kernel, which exists to never
