@@ -15,7 +15,7 @@ import kernels_cpu
 import kernels_ref
 from kernels_cpu.linear import FEW_ROWS
 from nanoserve.engine import LLMEngine
-from nanoserve.sampling import SamplingParams
+from tests.engine_helpers import greedy_tokens_and_logits
 
 
 def _paged_batch(rng: np.random.Generator, q_lens: list[int], seq_lens: list[int], block_size: int = 16):
@@ -60,24 +60,7 @@ def test_linear_matches_reference_on_both_sides_of_the_few_rows_threshold(rows: 
 
 
 def _greedy(loaded, backend: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    engine = LLMEngine(loaded=loaded, backend=backend, max_num_batched_tokens=64)
-    first_logits: list[np.ndarray] = []
-    execute = engine.runner.execute
-
-    def recording_execute(batch):
-        logits, requests = execute(batch)
-        first_logits.append(logits.copy())
-        return logits, requests
-
-    engine.runner.execute = recording_execute
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-    return [final[i] for i in ids], first_logits
+    return greedy_tokens_and_logits(LLMEngine(loaded=loaded, backend=backend, max_num_batched_tokens=64), prompts, max_tokens)
 
 
 def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded):

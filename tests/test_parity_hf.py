@@ -85,18 +85,12 @@ def test_last_position_logits_match_transformers(hf_model, smollm2_loaded, promp
 
 def test_greedy_continuations_match_transformers_token_for_token(hf_model, smollm2_loaded, prompts):
     from nanoserve.engine import LLMEngine
-    from nanoserve.sampling import SamplingParams
+    from tests.engine_helpers import greedy_tokens_and_logits
 
     engine = LLMEngine(loaded=smollm2_loaded, num_blocks=256, block_size=16, max_num_batched_tokens=256)
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-    for request_id, prompt in zip(ids, prompts):
-        assert final[request_id] == hf_greedy(hf_model, prompt, 32)
+    tokens, _ = greedy_tokens_and_logits(engine, prompts, max_tokens=32)
+    for got, prompt in zip(tokens, prompts):
+        assert got == hf_greedy(hf_model, prompt, 32)
 
 
 def hf_greedy(model, ids: list[int], num_tokens: int) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 
 from nanoserve.engine import LLMEngine
 from nanoserve.model import load_checkpoint
-from nanoserve.sampling import SamplingParams
+from tests.engine_helpers import greedy_tokens_and_logits
 from tests.tiny_model import make_tiny_model
 
 
@@ -28,23 +28,7 @@ def smallest_loaded(tmp_path_factory):
 
 def greedy_run(loaded, backend: str) -> tuple[list[list[int]], list[np.ndarray]]:
     engine = LLMEngine(loaded=loaded, backend=backend, num_blocks=16, block_size=4)
-    logits_seen: list[np.ndarray] = []
-    execute = engine.runner.execute
-
-    def recording_execute(batch):
-        logits, requests = execute(batch)
-        logits_seen.append(logits.copy())
-        return logits, requests
-
-    engine.runner.execute = recording_execute
-    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in ([5, 9, 13], [11, 4])]
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-    return [final[i] for i in ids], logits_seen
+    return greedy_tokens_and_logits(engine, [[5, 9, 13], [11, 4]], max_tokens=2)
 
 
 def test_tiny_model_decodes_the_same_on_cuda_as_on_ref(smallest_loaded):
