@@ -46,6 +46,7 @@ from numba import njit
 
 import kernels_ref
 from kernels_cpu.pointwise import FASTMATH
+from kernels_ref.attention import gather_pages
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -114,12 +115,9 @@ def paged_attention(
             decode_out,
         )
         out[rows] = decode_out
-    block_size = k_cache.shape[1]
     for s in np.nonzero(q_lens > 1)[0]:  # prefill chunks: gather once, then BLAS
-        start, end, seq_len = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(seq_lens[s])
-        blocks = block_tables[s, : -(-seq_len // block_size)]
-        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:seq_len]  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:seq_len]
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        k, v = gather_pages(k_cache, v_cache, block_tables[s], int(seq_lens[s]))  # [L, Hkv, D] x2
         out[start:end] = kernels_ref.attention(q[start:end], k, v, scale)
     return out
 

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import njit
 
+from kernels_ref.rope import rotation_tables
+
 # reassoc + contract let LLVM vectorise sums and fuse multiply-adds; no "fast" flags that
 # assume finite values (an overflowing activation must stay inf, as in the reference)
 FASTMATH = {"reassoc", "contract"}
@@ -58,12 +60,10 @@ def _rope_rows(x, cos, sin, out):  # [T, H, D] f32, [T, D/2] f32 x2, [T, H, D] f
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:  # [T, H, D], [T] -> [T, H, D]
     """Rotate pair (x[i], x[i + D/2]) of every head of token t by ``positions[t] * theta**(-2i/D)``.
 
-    The angle tables come from NumPy exactly as in the reference (its vectorised cos/sin
+    The angle tables are the reference's (``rotation_tables``: NumPy's vectorised cos/sin
     beat a compiled scalar loop); the rotation of every head is the compiled pass.
     """
-    dim = x.shape[-1]
-    inv_freq = theta ** (-np.arange(dim // 2, dtype=np.float64) * 2.0 / dim)  # [D/2]
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = rotation_tables(positions, x.shape[-1], theta)  # [T, D/2] x2
     out = np.empty(x.shape, dtype=np.float32)
-    _rope_rows(x.astype(np.float32, copy=False), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), out)
+    _rope_rows(x.astype(np.float32, copy=False), cos, sin, out)
     return out

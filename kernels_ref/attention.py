@@ -95,12 +95,12 @@ def paged_attention(
         out[rows] = _decode_attention(q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale)
     for s in np.nonzero(q_lens > 1)[0]:  # prefill chunks one by one
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        k, v = _gather(k_cache, v_cache, block_tables[s], int(seq_lens[s]))
+        k, v = gather_pages(k_cache, v_cache, block_tables[s], int(seq_lens[s]))
         out[start:end] = attention(q[start:end], k, v, scale)
     return out
 
 
-def _gather(k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:  # -> [L, Hkv, D] x2
+def gather_pages(k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:  # -> [L, Hkv, D] x2
     """One sequence's first seq_len keys and values, read through its block table."""
     block_size = k_cache.shape[1]
     blocks = block_table[: -(-seq_len // block_size)]
