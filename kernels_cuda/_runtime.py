@@ -18,6 +18,8 @@ any block size up to ``MAX_BLOCK_THREADS``.
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,41 @@ from numba import cuda
 
 #: True when numba.cuda is the CPU simulator (NUMBA_ENABLE_CUDASIM=1 at numba import).
 SIMULATOR: bool = bool(numba_config.ENABLE_CUDASIM)
+
+
+def _share_simulated_arrays_safely() -> None:
+    """Make the simulator's ``cuda.shared.array`` give every thread of a block the same array.
+
+    The simulator finds a block's shared array by the calling line, and creates it when
+    the first thread gets there: look up, and if missing, allocate and store. Two threads
+    can both miss and each get a private array, and then "shared" memory is not shared
+    (seen as a wrong result once in a few hundred launches, more often with the short
+    thread switch interval the tests use). The same lookup under a lock cannot race.
+    """
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    unlocked_array = FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self: Any, shape: Any, dtype: Any, alignment: Any = None) -> Any:
+        if shape == 0 or alignment is not None:  # dynamic shared memory: no lookup to race
+            return unlocked_array(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)  # the kernel line asking for the array, as the simulator keys it
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            if key not in self._allocations:
+                self._allocations[key] = np.empty(shape, dtype)
+            return self._allocations[key]
+
+    FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _share_simulated_arrays_safely()
 
 #: Shared-memory scratch arrays are sized for this many threads per block.
 MAX_BLOCK_THREADS = 256
