@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--weights", default="fp32")
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
@@ -73,7 +74,13 @@ def main() -> None:
 
     loaded = load_checkpoint(None, args.weights)
     engine = LLMEngine(
-        EngineConfig(backend=args.backend, weights=args.weights, max_num_seqs=args.parallel, max_num_batched_tokens=args.max_num_batched_tokens),
+        EngineConfig(
+            backend=args.backend,
+            weights=args.weights,
+            kv_cache_dtype=args.kv_cache_dtype,
+            max_num_seqs=args.parallel,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        ),
         loaded=loaded,
     )
     totals: dict[str, float] = collections.defaultdict(float)
@@ -84,6 +91,12 @@ def main() -> None:
 
     workload = make_workload(loaded.tokenizer, loaded.config.vocab_size, args.num_requests, args.min_len, args.max_len, args.seed)
     print(f"{environment()}\nbackend {args.backend}, {len(workload)} requests ...", flush=True)
+    engine.add_request(workload[0][0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():  # warm-up, not counted: the first calls compile the cpu kernels
+        engine.step()
+    engine.step_stats.clear()
+    totals.clear()
+    calls.clear()
     start = time.perf_counter()
     for prompt, n in workload:
         engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))

@@ -84,10 +84,16 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
         weights=args.weights,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.parallel,
     )
     engine = LLMEngine(config, loaded=loaded)
+    # warm-up, not timed: a fresh checkout compiles the cpu kernels on their first call
+    engine.add_request(workload[0][0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step_stats.clear()
     start, start_clock = time.perf_counter(), time.monotonic()  # step_stats use the monotonic clock
     ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in workload]
     final: dict[str, Any] = {}
@@ -104,7 +110,7 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
 
     # KV memory: the step holding the most tokens is the peak load
     B = engine.kv.block_size
-    per_slot = bytes_per_block(loaded.config, B) // B
+    per_slot = bytes_per_block(loaded.config, B, args.kv_cache_dtype) // B
     stats = list(engine.step_stats)
     held = [s.kv_utilization * s.blocks_used * B for s in stats]
     peak = int(np.argmax(held))
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="nanoserve's token budget per step")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV pages for nanoserve")
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"], help="nanoserve's KV page format")
     ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend")
     ap.add_argument("--weights", default="fp32", help="nanoserve weight format")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped: dict[str, str] = {}
     print("nanoserve ...", flush=True)
     results["nanoserve"] = bench_nanoserve(loaded, workload, args)
-    results["nanoserve"].update(engine=f"nanoserve ({args.backend}, {args.weights})", short="nanoserve", parallel=f"{args.parallel}, continuous")
+    results["nanoserve"].update(engine=f"nanoserve ({args.backend}, {args.weights}, KV {args.kv_cache_dtype})", short="nanoserve", parallel=f"{args.parallel}, continuous")
     if not args.skip_hf:
         print("HF transformers ...", flush=True)
         try:

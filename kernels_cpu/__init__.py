@@ -16,13 +16,13 @@ temporaries dominates, and takes the rest from the reference on purpose:
     (already the best     softmax (SIMD ufuncs), attention (BLAS), the sampling filters,
     NumPy can do)         and the prefill chunks of paged_attention (gather, then BLAS)
 
-Numba's CPU target has no float16 arithmetic, so a float16 KV cache is read as float32
-(``paged_attention``) or written through NumPy (``store_kv``); the engine's cache is
-float32. Compiled code is cached on disk (``cache=True``): the first run in a fresh
+Numba's CPU target has no float16, so decode attention reads a float16 KV cache as its
+raw 16-bit patterns and widens each page to float32 (exactly), and ``store_kv`` writes
+one through NumPy. Compiled code is cached on disk (``cache=True``): the first run in a fresh
 checkout spends a few seconds compiling.
 
 Threads: every kernel here runs on the calling thread; only the matmuls use threads
-(OpenBLAS's). Splitting attention over Numba threads as well made serving slower on
+(OpenBLAS's). Splitting attention over threads as well did not make serving faster on
 2 cores (measured in ``kernels_cpu.attention``).
 
     >>> from nanoserve.kernels import get_backend

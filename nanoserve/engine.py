@@ -45,6 +45,7 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # explicit pool size; else from kv_cache_memory
     kv_cache_memory: float = 1.0  # GiB of K/V pages when num_blocks is None
+    kv_cache_dtype: str = "float32"  # float32 | float16 (half the memory, rounded K/V)
     max_num_batched_tokens: int = 512  # the per-step token budget
     max_num_seqs: int = 32
     max_model_len: int | None = None  # default: the model's context (capped by the pool)
@@ -137,9 +138,10 @@ class LLMEngine:
         self.backend: Backend = get_backend(config.backend)
         self.model = LlamaModel(loaded.config, loaded.weights, self.backend)
         mc = loaded.config
-        num_blocks = config.num_blocks or max(1, int(config.kv_cache_memory * 2**30) // bytes_per_block(mc, config.block_size))
+        block_bytes = bytes_per_block(mc, config.block_size, config.kv_cache_dtype)
+        num_blocks = config.num_blocks or max(1, int(config.kv_cache_memory * 2**30) // block_bytes)
+        self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.backend, config.kv_cache_dtype)
         self.kv = KVCacheManager(num_blocks, config.block_size)
-        self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.backend)
         self.runner = ModelRunner(self.model, self.cache, self.kv)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nanoserve import LLM, SamplingParams
@@ -44,6 +45,17 @@ def test_generate_raw_streams_the_greedy_answer_of_one_prompt(tiny_model_dir: st
     (expected,) = greedy_texts(llm, PROMPTS[:1], chat=False)
     assert result.stdout == expected.text + "\n"
     assert len(expected.token_ids) == 8
+
+
+def test_generate_with_float16_kv_pages_matches_the_engine_run_alike(tiny_model_dir: str) -> None:
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", "--kv-cache-dtype", "float16", PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    llm16 = LLM(model=tiny_model_dir, num_blocks=64, kv_cache_dtype="float16")
+    assert llm16.engine.cache.k.dtype == np.float16
+    (expected,) = greedy_texts(llm16, PROMPTS[:1], chat=False)
+    assert result.stdout == expected.text + "\n"
+    bad = nanoserve("generate", "--model", tiny_model_dir, "--kv-cache-dtype", "bfloat16", PROMPTS[0])
+    assert bad.returncode == 2 and "--kv-cache-dtype" in bad.stderr
 
 
 def test_generate_applies_the_chat_template_unless_raw(tiny_model_dir: str, llm: LLM) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 import kernels_cpu
 import kernels_ref
+from kernels_cpu.attention import _float16_page
 from kernels_cpu.linear import FEW_ROWS
 from nanoserve.engine import LLMEngine
 from tests.engine_helpers import greedy_tokens_and_logits
@@ -36,11 +37,25 @@ def _paged_batch(rng: np.random.Generator, q_lens: list[int], seq_lens: list[int
     return q, k_cache, v_cache, tables, query_start_loc, np.array(seq_lens, dtype=np.int64), 0.125
 
 
-def test_decode_batch_of_long_contexts_matches_reference():
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_decode_batch_of_long_contexts_matches_reference(cache_dtype):
     rng = np.random.default_rng(0)
     seq_lens = rng.integers(1, 700, 32).tolist() + [16, 512, 513]
-    args = _paged_batch(rng, [1] * len(seq_lens), seq_lens)
+    q, k_cache, v_cache, *rest = _paged_batch(rng, [1] * len(seq_lens), seq_lens)
+    args = (q, k_cache.astype(cache_dtype), v_cache.astype(cache_dtype), *rest)
     np.testing.assert_allclose(kernels_cpu.paged_attention(*args), kernels_ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_every_float16_value_widens_exactly():
+    """All 65536 bit patterns (normal, subnormal, zero, inf, nan; both signs): bit for bit,
+    except that a signalling nan comes out quiet (still nan)."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16).reshape(1, 1024, 2, 32)  # one page of 1024 slots
+    got = _float16_page(bits, 0, np.empty(bits.shape[1:], dtype=np.float32))
+    want = bits[0].view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert nan.sum() == 2 * 1023 and np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.signbit(got[nan]).tolist() == np.signbit(want[nan]).tolist()
 
 
 def test_mixed_batch_of_prefill_chunks_and_decodes_matches_reference():
@@ -59,20 +74,45 @@ def test_linear_matches_reference_on_both_sides_of_the_few_rows_threshold(rows: 
     np.testing.assert_allclose(got, kernels_ref.linear(x, w), atol=1e-3, rtol=1e-4)
 
 
-def _greedy(loaded, backend: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    return greedy_tokens_and_logits(LLMEngine(loaded=loaded, backend=backend, max_num_batched_tokens=64), prompts, max_tokens)
+def _greedy(loaded, backend: str, prompts: list[list[int]], max_tokens: int, kv_cache_dtype: str = "float32") -> tuple[list[list[int]], list[np.ndarray]]:
+    engine = LLMEngine(loaded=loaded, backend=backend, max_num_batched_tokens=64, kv_cache_dtype=kv_cache_dtype)
+    return greedy_tokens_and_logits(engine, prompts, max_tokens)
 
 
-def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded):
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
+def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded, kv_cache_dtype: str):
     tok = smollm2_loaded.tokenizer
     prompts = [tok.encode(p) for p in ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]]
     prompts.append(tok.encode("Tell me about the sea. " * 12))  # 72 tokens: chunked prefill (budget 64)
-    ref_tokens, ref_logits = _greedy(smollm2_loaded, "ref", prompts, 12)
-    cpu_tokens, cpu_logits = _greedy(smollm2_loaded, "cpu", prompts, 12)
+    ref_tokens, ref_logits = _greedy(smollm2_loaded, "ref", prompts, 12, kv_cache_dtype)
+    cpu_tokens, cpu_logits = _greedy(smollm2_loaded, "cpu", prompts, 12, kv_cache_dtype)
     assert cpu_tokens == ref_tokens
     assert len(cpu_logits) == len(ref_logits)
+    # float16 pages: a key that lands on the other side of a rounding boundary (the two
+    # backends' float32 keys differ in the last bits) moves the logits by ~1e-3 more
+    atol = 2e-3 if kv_cache_dtype == "float32" else 1e-2
     for got, want in zip(cpu_logits, ref_logits):
-        np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-3)
+
+
+def test_float16_pages_hold_twice_the_tokens_and_barely_move_the_logits(smollm2_loaded):
+    engines = {dtype: LLMEngine(loaded=smollm2_loaded, kv_cache_memory=0.05, kv_cache_dtype=dtype) for dtype in ("float32", "float16")}
+    blocks32, blocks16 = (engines[d].kv.pool.num_blocks for d in ("float32", "float16"))
+    assert 2 * blocks32 <= blocks16 <= 2 * blocks32 + 1  # the same budget, rounded down to whole blocks
+    assert engines["float16"].cache.nbytes <= 0.05 * 2**30
+    assert engines["float16"].cache.k.dtype == np.float16
+    tok = smollm2_loaded.tokenizer
+    prompts = [tok.encode("The capital of France is"), tok.encode("Tell me about the sea. " * 12)]
+    runs = {dtype: greedy_tokens_and_logits(engine, prompts, 8) for dtype, engine in engines.items()}
+    (tokens32, logits32), (tokens16, logits16) = runs["float32"], runs["float16"]
+    assert tokens16 == tokens32
+    for got, want in zip(logits16, logits32):
+        np.testing.assert_allclose(got, want, atol=0.1)
+
+
+def test_unknown_kv_cache_dtype_is_a_clear_error(smollm2_loaded):
+    with pytest.raises(ValueError, match="KV cache dtype must be one of float32, float16; got 'bfloat16'"):
+        LLMEngine(loaded=smollm2_loaded, kv_cache_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("logits_kind", ["normal", "ties", "flat", "peaked"])

@@ -2,6 +2,11 @@
 
     k[layer], v[layer]: [N, B, Hkv, D]    (N blocks of B slots, shared by all requests)
 
+The pages are float32, or float16 (``dtype="float16"``, what llama.cpp keeps by default):
+half the memory, so twice the tokens in the same budget, and half the bytes for decode
+attention to read each step. Keys and values are rounded to float16 when stored;
+attention still computes in float32.
+
 Before each forward pass the model runner sets the batch's attention metadata (the
 names are vLLM's): where each new token's K/V goes (``slot_mapping``) and how each
 sequence finds its past (``block_tables``, ``query_start_loc``, ``seq_lens``). Then every
@@ -25,17 +30,29 @@ class AttentionMetadata:
     seq_lens: Any  # [S] int, tokens in the cache per sequence after this step
 
 
-def bytes_per_block(config: LlamaConfig, block_size: int) -> int:
-    """K and V, every layer, float32."""
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 4
+KV_CACHE_DTYPES = {"float32": 4, "float16": 2}  # page formats and their bytes per value
+
+
+def bytes_per_block(config: LlamaConfig, block_size: int, dtype: str = "float32") -> int:
+    """K and V, every layer."""
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * _itemsize(dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {dtype!r}")
+    return KV_CACHE_DTYPES[dtype]
 
 
 class PagedKVCache:
-    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int, backend: Backend) -> None:
+    def __init__(
+        self, config: LlamaConfig, num_blocks: int, block_size: int, backend: Backend, dtype: str = "float32"
+    ) -> None:
+        _itemsize(dtype)  # a known format, or a clear error
         xp = backend.xp
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.k = xp.zeros(shape, dtype=xp.float32)
-        self.v = xp.zeros(shape, dtype=xp.float32)
+        self.k = xp.zeros(shape, dtype=dtype)
+        self.v = xp.zeros(shape, dtype=dtype)
         self.kernels = backend.kernels
         self.scale = config.head_dim**-0.5
         self.metadata: AttentionMetadata | None = None
