@@ -43,6 +43,19 @@ def environment() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, NumPy {np.__version__} (BLAS threads: {threads})"
 
 
+def warm_up(engine: Any, prompt: list[int]) -> None:
+    """Run one short greedy request through ``engine`` and forget its step stats.
+
+    Not timed: a fresh checkout compiles the cpu kernels on their first call (seconds).
+    """
+    from nanoserve.sampling import SamplingParams
+
+    engine.add_request(prompt[:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step_stats.clear()
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     """A plain fixed-width table: first column left-aligned, the others right-aligned."""
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]

@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from bench.benchlib import environment, print_table  # noqa: E402
+from bench.benchlib import environment, print_table, warm_up  # noqa: E402
 from bench.throughput import make_workload  # noqa: E402
+from nanoserve.cache.paged import KV_CACHE_DTYPES  # noqa: E402
 from nanoserve.kernels import Backend  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--weights", default="fp32")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES))
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
@@ -91,11 +92,8 @@ def main() -> None:
 
     workload = make_workload(loaded.tokenizer, loaded.config.vocab_size, args.num_requests, args.min_len, args.max_len, args.seed)
     print(f"{environment()}\nbackend {args.backend}, {len(workload)} requests ...", flush=True)
-    engine.add_request(workload[0][0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    while engine.has_unfinished_requests():  # warm-up, not counted: the first calls compile the cpu kernels
-        engine.step()
-    engine.step_stats.clear()
-    totals.clear()
+    warm_up(engine, workload[0][0])
+    totals.clear()  # the warm-up's kernel calls do not count
     calls.clear()
     start = time.perf_counter()
     for prompt, n in workload:

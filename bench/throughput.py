@@ -48,8 +48,10 @@ from bench.benchlib import (  # noqa: E402
     print_table,
     results_path,
     run_llama_cpp,
+    warm_up,
     write_json,
 )
+from nanoserve.cache.paged import KV_CACHE_DTYPES  # noqa: E402
 
 
 def make_workload(tokenizer: Any, vocab_size: int, n: int, lo: int, hi: int, seed: int) -> list[tuple[list[int], int]]:
@@ -89,11 +91,7 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
         max_num_seqs=args.parallel,
     )
     engine = LLMEngine(config, loaded=loaded)
-    # warm-up, not timed: a fresh checkout compiles the cpu kernels on their first call
-    engine.add_request(workload[0][0][:16], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.step_stats.clear()
+    warm_up(engine, workload[0][0])
     start, start_clock = time.perf_counter(), time.monotonic()  # step_stats use the monotonic clock
     ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in workload]
     final: dict[str, Any] = {}
@@ -293,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="nanoserve's token budget per step")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV pages for nanoserve")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"], help="nanoserve's KV page format")
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES), help="nanoserve's KV page format")
     ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend")
     ap.add_argument("--weights", default="fp32", help="nanoserve weight format")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")

@@ -28,7 +28,8 @@ The sequences are independent, so ``prange`` could split them over threads. On t
 2-core machine this project is measured on, splitting (sequence, KV head) tasks that way
 made whole serving runs ~8% *slower* (``bench/step_profile.py``, 16 requests,
 alternating runs: 64-65 tok/s on one thread, 59-61 on two). Splitting the sequences
-over two Python threads (the kernel can release the GIL) did halve this kernel's time,
+over two Python threads (the kernel can release the GIL) cut this kernel's time by
+35-45%,
 but only once OpenBLAS's idle workers were told to sleep (``OPENBLAS_THREAD_TIMEOUT``):
 by default they spin between matmuls and hold the second core. Sleeping workers cost a
 wake-up on every matmul instead, and whole serving runs came out the same, 45-48 s

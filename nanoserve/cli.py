@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any
 
+from nanoserve.cache.paged import KV_CACHE_DTYPES
 from nanoserve.errors import NanoserveError
 
 
@@ -27,7 +28,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks in the pool (default: from --kv-cache-memory)")
     g.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of memory for KV-cache blocks (default: 1.0)")
-    g.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "float16"], help="KV-cache page format; float16 holds twice the tokens in the same memory, rounding each key and value (default: float32)")
+    g.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES), help="KV-cache page format; float16 holds twice the tokens in the same memory, rounding each key and value (default: float32)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="most requests running at once (default: 32)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step; longer prompts are chunked (default: 512)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")

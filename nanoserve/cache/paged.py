@@ -3,9 +3,10 @@
     k[layer], v[layer]: [N, B, Hkv, D]    (N blocks of B slots, shared by all requests)
 
 The pages are float32, or float16 (``dtype="float16"``, what llama.cpp keeps by default):
-half the memory, so twice the tokens in the same budget, and half the bytes for decode
-attention to read each step. Keys and values are rounded to float16 when stored;
-attention still computes in float32.
+half the memory, so twice the tokens in the same budget. Keys and values are rounded
+to float16 when stored; attention still computes in float32 (on the cpu backend it
+widens each page first, which measured a little slower than float32 pages:
+docs/benchmarks.md).
 
 Before each forward pass the model runner sets the batch's attention metadata (the
 names are vLLM's): where each new token's K/V goes (``slot_mapping``) and how each
