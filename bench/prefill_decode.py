@@ -39,6 +39,8 @@ from bench.benchlib import (  # noqa: E402
     run_llama_cpp,
     write_json,
 )
+from nanoserve import config  # noqa: E402
+from nanoserve.config import EngineConfig  # noqa: E402
 
 PROMPT_TEXT = (
     "The history of computing is a story of abstractions. Early machines were programmed by "
@@ -63,7 +65,7 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
 
 def bench_nanoserve(loaded: Any, prompt: list[int], new_tokens: int, runs: int, weights: str, backend: str) -> dict[str, Any]:
     """Prefill = the engine step computing the whole prompt; decode = the ``new_tokens`` steps after it."""
-    from nanoserve.engine import EngineConfig, LLMEngine
+    from nanoserve.engine import LLMEngine
     from nanoserve.sampling import SamplingParams
 
     total = len(prompt) + new_tokens + 1
@@ -150,13 +152,11 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="timed runs per engine (the median is reported)")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (NumPy's BLAS uses its own default)")
-    ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend (default: cpu)")
-    ap.add_argument("--weights", default="fp32", help="nanoserve weight format (fp32 | fp16 | int8 | int4 | gguf)")
+    config.add_arguments(ap, EngineConfig, "nanoserve engine (--model is every engine's GGUF file)", only=("model", "backend", "weights"))
     ap.add_argument("--hf", action="store_true", help="also run HF transformers (loads in ~15 s)")
     ap.add_argument("--skip-llama", action="store_true", help="do not run llama.cpp")
     ap.add_argument("--python-llama", metavar="PATH", help="python of a venv with llama-cpp-python, if it is not importable here")

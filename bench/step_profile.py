@@ -34,12 +34,13 @@ import numpy as np  # noqa: E402
 
 from bench.benchlib import environment, print_table, warm_up  # noqa: E402
 from bench.throughput import make_workload  # noqa: E402
-from nanoserve.cache.paged import KV_CACHE_DTYPES  # noqa: E402
-from nanoserve.kernels import Backend  # noqa: E402
+from nanoserve import config  # noqa: E402
+from nanoserve.config import EngineConfig  # noqa: E402
+from nanoserve.kernels import Backend, get_backend, register_backend  # noqa: E402
 
 
-def timed(backend: Backend, totals: dict[str, float], calls: collections.Counter) -> Backend:
-    """The same backend with every kernel wrapped by a timer adding into ``totals``."""
+def timed(backend: Backend, totals: dict[str, float], calls: collections.Counter) -> types.SimpleNamespace:
+    """The same backend's kernels, each wrapped by a timer adding into ``totals``: a backend to register."""
 
     def wrap(name: str, fn: Callable) -> Callable:
         def timed_kernel(*args: Any, **kwargs: Any) -> Any:
@@ -52,43 +53,29 @@ def timed(backend: Backend, totals: dict[str, float], calls: collections.Counter
 
         return timed_kernel
 
-    kernels = types.SimpleNamespace(**{name: wrap(name, fn) for name, fn in vars(backend.kernels).items()})
-    return Backend(backend.name, kernels, backend.xp, backend.fallbacks, backend.to_device, backend.to_host)
+    kernels = {name: wrap(name, fn) for name, fn in vars(backend.kernels).items()}
+    return types.SimpleNamespace(**kernels, xp=backend.xp, to_device=backend.to_device, to_host=backend.to_host)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--weights", default="fp32")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES))
+    config.add_arguments(ap, EngineConfig, "nanoserve engine", only=("backend", "weights", "kv_cache_dtype", "max_num_batched_tokens"))
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=32, help="max_num_seqs")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     args = ap.parse_args()
 
-    from nanoserve.engine import EngineConfig, LLMEngine
-    from nanoserve.model import LlamaModel, load_checkpoint
+    from nanoserve.engine import LLMEngine
+    from nanoserve.model import load_checkpoint
     from nanoserve.sampling import SamplingParams
 
     loaded = load_checkpoint(None, args.weights)
-    engine = LLMEngine(
-        EngineConfig(
-            backend=args.backend,
-            weights=args.weights,
-            kv_cache_dtype=args.kv_cache_dtype,
-            max_num_seqs=args.parallel,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        ),
-        loaded=loaded,
-    )
     totals: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
-    model = LlamaModel(loaded.config, loaded.weights, timed(engine.backend, totals, calls))
-    engine.model = engine.runner.model = model
-    engine.cache.kernels = model.k  # the paged cache calls store_kv and paged_attention itself
+    register_backend("timed", timed(get_backend(args.backend), totals, calls))
+    engine = LLMEngine(config.from_args(EngineConfig, args, backend="timed", max_num_seqs=args.parallel), loaded=loaded)
 
     workload = make_workload(loaded.tokenizer, loaded.config.vocab_size, args.num_requests, args.min_len, args.max_len, args.seed)
     print(f"{environment()}\nbackend {args.backend}, {len(workload)} requests ...", flush=True)

@@ -51,7 +51,8 @@ from bench.benchlib import (  # noqa: E402
     warm_up,
     write_json,
 )
-from nanoserve.cache.paged import KV_CACHE_DTYPES  # noqa: E402
+from nanoserve import config  # noqa: E402
+from nanoserve.config import EngineConfig  # noqa: E402
 
 
 def make_workload(tokenizer: Any, vocab_size: int, n: int, lo: int, hi: int, seed: int) -> list[tuple[list[int], int]]:
@@ -78,19 +79,10 @@ def summarize(wall: float, output_tokens: int, ttft: list[float], tpot: list[flo
 # --- nanoserve ------------------------------------------------------------------------------
 def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: argparse.Namespace) -> dict[str, Any]:
     from nanoserve.cache.paged import bytes_per_block
-    from nanoserve.engine import EngineConfig, LLMEngine
+    from nanoserve.engine import LLMEngine
     from nanoserve.sampling import SamplingParams
 
-    config = EngineConfig(
-        backend=args.backend,
-        weights=args.weights,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.parallel,
-    )
-    engine = LLMEngine(config, loaded=loaded)
+    engine = LLMEngine(config.from_args(EngineConfig, args, max_num_seqs=args.parallel), loaded=loaded)
     warm_up(engine, workload[0][0])
     start, start_clock = time.perf_counter(), time.monotonic()  # step_stats use the monotonic clock
     ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in workload]
@@ -107,7 +99,8 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
     result = summarize(wall, sum(len(o.token_ids) for o in outs), [o.time_to_first_token for o in outs], [o.time_per_output_token for o in outs])
 
     # KV memory: the step holding the most tokens is the peak load
-    B = engine.kv.block_size
+    pool = engine.stats()
+    B = pool.block_size
     per_slot = bytes_per_block(loaded.config, B, args.kv_cache_dtype) // B
     stats = list(engine.step_stats)
     held = [s.kv_utilization * s.blocks_used * B for s in stats]
@@ -115,10 +108,10 @@ def bench_nanoserve(loaded: Any, workload: list[tuple[list[int], int]], args: ar
     s = stats[peak]
     longest = max(len(p) + n for p, n in workload)
     result["kv"] = {
-        "num_blocks": engine.kv.pool.num_blocks,
+        "num_blocks": pool.num_blocks,
         "block_size": B,
         "bytes_per_token": per_slot,
-        "peak_pool_usage": max(st.blocks_used for st in stats) / engine.kv.pool.num_blocks,
+        "peak_pool_usage": max(st.blocks_used for st in stats) / pool.num_blocks,
         "peak_step": s.step,
         "peak_running": s.num_running,
         "peak_tokens_held": int(round(held[peak])),
@@ -282,18 +275,13 @@ def plot(rows: list[dict[str, Any]], kv: dict[str, Any], path: str, title: str) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=64, help="shortest prompt and output, in tokens")
     ap.add_argument("--max-len", type=int, default=256, help="longest prompt and output, in tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=32, help="requests in flight: nanoserve max_num_seqs, llama.cpp sequences")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="nanoserve's token budget per step")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of KV pages for nanoserve")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES), help="nanoserve's KV page format")
-    ap.add_argument("--backend", default="cpu", help="nanoserve kernel backend")
-    ap.add_argument("--weights", default="fp32", help="nanoserve weight format")
+    engine_fields = ("model", "backend", "weights", "block_size", "kv_cache_memory", "kv_cache_dtype", "max_num_batched_tokens")
+    config.add_arguments(ap, EngineConfig, "nanoserve engine (--model is every engine's GGUF file)", only=engine_fields)
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
     ap.add_argument("--hf-batch-size", type=int, default=8)
     ap.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")

@@ -6,7 +6,10 @@
     print(out[0].text)
 """
 
-from nanoserve.engine import LLM, EngineConfig, LLMEngine, RequestOutput
+from nanoserve.config import EngineConfig
+from nanoserve.engine import LLMEngine
+from nanoserve.llm import LLM
+from nanoserve.output import RequestOutput
 from nanoserve.sampling import SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]

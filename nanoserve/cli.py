@@ -16,22 +16,9 @@ import json
 import sys
 from typing import Any
 
-from nanoserve.cache.paged import KV_CACHE_DTYPES
+from nanoserve import config
+from nanoserve.config import EngineConfig, ServerConfig
 from nanoserve.errors import NanoserveError
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="a known name (default: SmolLM2-135M-Instruct), a .gguf file, or an HF directory with config.json + *.safetensors + tokenizer.json")
-    g.add_argument("--backend", default="cpu", help="kernel backend: cpu (Numba-compiled, the default), ref (NumPy reference), cuda (Numba CUDA + CuPy), a registered name, or a path to a .py file defining kernels")
-    g.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "int8", "int4", "gguf"], help="weight format in memory; gguf keeps the file's quantized blocks (default: fp32)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
-    g.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks in the pool (default: from --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB of memory for KV-cache blocks (default: 1.0)")
-    g.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_CACHE_DTYPES), help="KV-cache page format; float16 holds twice the tokens in the same memory, rounding each key and value (default: float32)")
-    g.add_argument("--max-num-seqs", type=int, default=32, help="most requests running at once (default: 32)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step; longer prompts are chunked (default: 512)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -44,23 +31,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop when this text appears (not included in the output); repeatable")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-
-
-def engine_config(args: argparse.Namespace) -> Any:
-    from nanoserve.engine import EngineConfig
-
-    return EngineConfig(
-        model=args.model,
-        backend=args.backend,
-        weights=args.weights,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-    )
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
@@ -79,9 +49,10 @@ def sampling_params(args: argparse.Namespace) -> Any:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
+    """The engine the command-line flags describe (the config's fields, generated as flags)."""
     from nanoserve.engine import LLMEngine
 
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(config.from_args(EngineConfig, args))
     if engine.backend.fallbacks:
         print(f"note: backend {engine.backend.name!r} lacks {', '.join(engine.backend.fallbacks)}; using the reference kernels for them", file=sys.stderr)
     return engine
@@ -134,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompts) == 1:
         stream_one(engine, prompts[0], params)
         return 0
-    from nanoserve.engine import LLM
+    from nanoserve.llm import LLM
 
     outputs = LLM(engine=engine).generate(prompts, params, use_tqdm=True)
     for i, out in enumerate(outputs):
@@ -176,6 +147,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": out.text})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanoserve.server.cli import run, warn_if_exposed  # FastAPI and uvicorn load only here
+
+    server = config.from_args(ServerConfig, args)
+    warn_if_exposed(server)
+    return run(build_engine(args), server, default_model_name=args.model is None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanoserve", description="nanoserve: a readable LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,22 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--file", help="read prompts from a file: one per line, or JSONL (strings or {\"prompt\": ...})")
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.add_argument("--jsonl", action="store_true", help="print batch results as JSON lines")
-    add_engine_arguments(gen)
+    config.add_arguments(gen, EngineConfig, "model and engine")
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="an interactive chat in the terminal")
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
-    add_engine_arguments(chat)
+    config.add_arguments(chat, EngineConfig, "model and engine")
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
     from nanoserve import check_kernels
-    from nanoserve.server import cli as server_cli  # light: FastAPI is imported only when serving
 
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
-    server_cli.add_arguments(serve)
-    serve.set_defaults(func=server_cli.run)
+    config.add_arguments(serve, EngineConfig, "model and engine")
+    config.add_arguments(serve, ServerConfig, "server")
+    serve.set_defaults(func=cmd_serve)
 
     ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")
     check_kernels.add_arguments(ck)

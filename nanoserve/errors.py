@@ -22,6 +22,11 @@ class BackendError(NanoserveError):
     """A kernel backend cannot be found, imported or used."""
 
 
+class ComponentError(NanoserveError):
+    """An engine part (block allocator, KV manager, scheduler, sampler) cannot be found,
+    built, or does not implement its interface."""
+
+
 class RequestError(NanoserveError, ValueError):
     """A request is invalid; only that request fails."""
 

@@ -20,9 +20,7 @@ fallback is never silent).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import numpy as np
 
 import kernels_ref
 from nanoserve.errors import BackendError
+from nanoserve.pyfile import load_file
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,9 @@ def available_backends() -> list[str]:
 
 
 def _load_file(path: str) -> types.ModuleType:
-    module_name = "nanoserve_backend_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
+    module = load_file(path, "nanoserve_backend")
+    if module is None:
         raise BackendError(f"cannot load a backend from {path!r}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
     return module
 
 

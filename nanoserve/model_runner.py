@@ -10,49 +10,49 @@ It flattens the scheduled tokens of all requests into one ragged batch:
     seq_lens:         [8, 10, 5]  (tokens in the cache after this step)       [S]
     block_tables:     one row per request, padded with -1                     [S, max_blocks]
 
-and computes logits only at the last token of each request whose known tokens are now
-all computed (a finished prefill or a decode); a prompt chunk that is not the last one
-needs no logits.
+and computes logits only where the scheduler asked for them: the last ``num_logits[i]``
+positions of request i's chunk. That is the last token of each request whose known tokens
+are now all computed (a finished prefill or a decode); a speculative verification chunk
+of k drafts will ask for k + 1 rows; a prompt chunk that is not the last one needs none.
+
+    num_logits:       [0,                           1,           1]
+    logits rows:      [                             b9           c4]          [R, V]
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nanoserve.cache.kv_cache_manager import KVCacheManager
 from nanoserve.cache.paged import AttentionMetadata, PagedKVCache
+from nanoserve.interfaces import KVManager, ScheduledBatch
 from nanoserve.model.llama import LlamaModel
-from nanoserve.request import Request
-from nanoserve.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, kv: KVCacheManager) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, kv: KVManager) -> None:
         self.model = model
         self.cache = cache
         self.kv = kv
         self.backend = model.backend
 
-    def execute(self, batch: ScheduledBatch) -> tuple[np.ndarray, list[Request]]:  # -> [R, V], R requests
-        """Run the batch; return logits (host float32) for the requests that get a new token."""
+    def execute(self, batch: ScheduledBatch) -> np.ndarray:  # -> [sum(batch.num_logits), V]
+        """Run the batch; return logits (host float32) of the rows it asks for, in batch order."""
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        sample_requests: list[Request] = []
-        for request, n in zip(batch.requests, batch.num_new_tokens):
+        for request, n, num_logits in zip(batch.requests, batch.num_new_tokens, batch.num_logits):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             input_ids.extend(request.token_ids(start, end))
             positions.append(np.arange(start, end))
             slots.append(self.kv.slot_mapping(request.request_id, start, end))
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
-            if end == request.num_tokens:
-                sample_rows.append(query_start_loc[-1] - 1)
-                sample_requests.append(request)
-        tables = [self.kv.block_tables[r.request_id] for r in batch.requests]
+            assert 0 <= num_logits <= n, f"{request.request_id}: {num_logits} logits rows of a {n}-token chunk"
+            sample_rows.extend(range(query_start_loc[-1] - num_logits, query_start_loc[-1]))
+        tables = [self.kv.block_table(r.request_id) for r in batch.requests]
         block_tables = np.full((len(tables), max(len(t) for t in tables)), -1, dtype=np.int64)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table
@@ -68,6 +68,6 @@ class ModelRunner:
             dev(np.asarray(input_ids, dtype=np.int64)), dev(np.concatenate(positions)), self.cache
         )  # [T, d]
         if not sample_rows:
-            return np.zeros((0, self.model.config.vocab_size), dtype=np.float32), []
+            return np.zeros((0, self.model.config.vocab_size), dtype=np.float32)
         logits = self.model.compute_logits(hidden[dev(np.asarray(sample_rows))])  # [R, V]
-        return np.asarray(self.backend.to_host(logits), dtype=np.float32), sample_requests
+        return np.asarray(self.backend.to_host(logits), dtype=np.float32)

@@ -8,6 +8,9 @@
 There is no "prefill" or "decode" state: a request has ``num_tokens`` known tokens (prompt
 plus outputs) of which ``num_computed_tokens`` already have K/V in the cache. Whenever a
 step computes up to ``num_tokens``, the last position's logits give the next token.
+
+Only the scheduler changes a request's progress (``Scheduler.update_from_output``); the
+stop conditions it checks after each new token are :func:`stop_reason`'s, in its order.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -27,6 +31,14 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class StopStringMatcher(Protocol):
+    """Follows a request's text token by token (``nanoserve.output.TextStream``)."""
+
+    def add(self, token_id: int) -> bool:
+        """Take the next token; True if one of the request's stop strings has now appeared."""
+        ...
+
+
 @dataclass
 class Request:
     request_id: str
@@ -34,6 +46,8 @@ class Request:
     params: SamplingParams
     max_tokens: int  # params.max_tokens, clipped to the context that is left
     generator: np.random.Generator
+    eos_token_ids: frozenset[int] = frozenset()  # end the request unless params.ignore_eos
+    text: StopStringMatcher | None = None  # its text, fed each new token by stop_reason
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -63,3 +77,20 @@ class Request:
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+def stop_reason(request: Request, token_id: int) -> str | None:
+    """Why ``request`` ends now that ``token_id`` was appended, or None. Checked in this order:
+
+    1. an EOS token (unless ``ignore_eos``) or one of ``stop_token_ids``  -> "stop"
+    2. a stop string has appeared in the text                              -> "stop"
+    3. ``max_tokens`` outputs (already clipped to the context)             -> "length"
+    """
+    params = request.params
+    if (token_id in request.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+        return "stop"
+    if request.text is not None and request.text.add(token_id):
+        return "stop"
+    if len(request.output_token_ids) >= request.max_tokens:
+        return "length"
+    return None

@@ -1,24 +1,31 @@
 """Sampling: per-request parameters, and turning a batch of logits into next tokens.
 
-Pipeline for one row of logits (skipped entirely when temperature == 0: greedy argmax):
+Pipeline for one row of logits:
 
+    logits processors (masks) -> greedy argmax if temperature == 0, else:
     logits / temperature -> top-k filter -> top-p filter -> min-p filter -> softmax -> draw
 
 Each request owns a seeded ``numpy.random.Generator``, so a request's samples depend only
 on its own seed and its own logits, never on which other requests share the batch.
 Log-probabilities reported to the user are those of the raw model distribution
-(``log_softmax(logits)``), before temperature and filters.
+(``log_softmax(logits)``), before logits processors, temperature and filters.
+:class:`Sampler` is the engine's sampler (:class:`nanoserve.interfaces.Sampler`, registered
+as ``"default"``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanoserve.errors import InvalidSamplingParams
+from nanoserve.interfaces import LogitsProcessor
+
+if TYPE_CHECKING:
+    from nanoserve.request import Request
 
 GREEDY_BELOW = 1e-5
 
@@ -37,6 +44,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0: the chosen token's logprob + top k
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # applied in order, first
 
     def __post_init__(self) -> None:
         def fail(name: str, value: Any, rule: str) -> None:
@@ -83,6 +91,9 @@ class SamplingParams:
             self.logprobs = integer("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= 20:
                 fail("logprobs", self.logprobs, "must be in [0, 20]")
+        if not isinstance(self.logits_processors, (list, tuple)) or not all(callable(p) for p in self.logits_processors):
+            fail("logits_processors", self.logits_processors, "must be a list of functions (output token ids, logits) -> logits")
+        self.logits_processors = list(self.logits_processors)
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +123,7 @@ def sample(
     params: list[SamplingParams],  # [S]
     generators: list[np.random.Generator],  # [S]
     kernels: Any,  # the backend's kernels (top_k_filter, top_p_filter, min_p_filter, softmax)
+    raw_logits: np.ndarray | None = None,  # [S, V] for logprobs, if ``logits`` were processed
 ) -> list[SampleResult]:
     """Choose one next token per row, as each row's SamplingParams say."""
     num_rows = logits.shape[0]
@@ -133,10 +145,40 @@ def sample(
     results = [SampleResult(int(t)) for t in tokens]
     want = [s for s in range(num_rows) if params[s].logprobs is not None]
     if want:
-        lp = log_softmax(logits[want])
+        lp = log_softmax((logits if raw_logits is None else raw_logits)[want])
         for row, s in enumerate(want):
             results[s].logprob = float(lp[row, tokens[s]])
             k = params[s].logprobs or 0
             top = np.argsort(-lp[row], kind="stable")[:k]
             results[s].top_logprobs = [(int(t), float(lp[row, t])) for t in top]
     return results
+
+
+class Sampler:
+    """The engine's sampler: each request's logits processors, then :func:`sample` per row.
+
+    A processor must leave at least one finite logit in its row.
+    """
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels  # the backend's kernels (top_k_filter, top_p_filter, ...)
+
+    def sample(
+        self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
+    ) -> list[list[SampleResult]]:  # logits [sum(num_logits), V] float32 -> per request, one per row
+        rows: list[Request] = [r for r, n in zip(requests, num_logits) for _ in range(n)]
+        if not rows:
+            return [[] for _ in requests]
+        processed = logits
+        for row, request in enumerate(rows):
+            for processor in request.params.logits_processors:
+                if processed is logits:
+                    processed = logits.copy()  # logprobs still come from the raw model output
+                processed[row] = processor(request.output_token_ids, processed[row])
+        results = sample(processed, [r.params for r in rows], [r.generator for r in rows], self.kernels, logits)
+        out: list[list[SampleResult]] = []
+        start = 0
+        for n in num_logits:
+            out.append(results[start : start + n])
+            start += n
+        return out

@@ -14,37 +14,30 @@ Every step the scheduler decides how many tokens of each live request to compute
   3. Waiting requests are admitted in order while budget, ``max_num_seqs`` and blocks
      last (none are admitted in a step that had to preempt).
 
+After the forward pass, ``update_from_output`` is the one place where a step's results
+enter the requests: computed tokens advance, sampled tokens are appended, stop conditions
+are checked, finished requests free their blocks.
+
 Invariants: the tokens scheduled never exceed the budget; at most ``max_num_seqs``
 requests run; every scheduled request holds blocks for all its tokens.
+It implements :class:`nanoserve.interfaces.Scheduler` (registered as ``"fcfs"``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
 
-from nanoserve.cache.kv_cache_manager import KVCacheManager
-from nanoserve.request import Request, RequestStatus
+from nanoserve.interfaces import KVManager, ScheduledBatch
+from nanoserve.request import Request, RequestStatus, stop_reason
+from nanoserve.sampling import SampleResult
+from nanoserve.stats import SchedulerStats
 
-
-@dataclass
-class ScheduledBatch:
-    """One step's work: requests in batch order and how many new tokens each computes."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
+__all__ = ["ScheduledBatch", "Scheduler"]
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.kv = kv
@@ -54,12 +47,13 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
 
-    def add(self, request: Request) -> None:
+    def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def has_work(self) -> bool:
+    def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # --- before the forward pass ----------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
@@ -67,43 +61,104 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n):
+            while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                batch.requests.append(request)
-                batch.num_new_tokens.append(n)
+                self._add_to_batch(batch, request, n)
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + n):
+            prefix = self.kv.get_computed_prefix(request)
+            n = min(request.num_tokens - request.num_computed_tokens - prefix.num_tokens, budget)
+            if not self.kv.allocate_slots(request, prefix.num_tokens + n, prefix=prefix):
                 break
+            request.num_computed_tokens += prefix.num_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            batch.requests.append(request)
-            batch.num_new_tokens.append(n)
+            self._add_to_batch(batch, request, n)
             budget -= n
         return batch
 
+    @staticmethod
+    def _add_to_batch(batch: ScheduledBatch, request: Request, n: int) -> None:
+        batch.requests.append(request)
+        batch.num_new_tokens.append(n)
+        batch.num_logits.append(1 if request.num_computed_tokens + n == request.num_tokens else 0)
+
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
+        self.kv.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
-    def finish(self, request: Request) -> None:
+    # --- after the forward pass -----------------------------------------------------------
+    def update_from_output(
+        self, batch: ScheduledBatch, sampled: list[list[SampleResult]]
+    ) -> list[tuple[Request, list[int]]]:
+        """Advance every scheduled request by what its step computed and sampled (in batch order)."""
+        now = time.monotonic()
+        updates: list[tuple[Request, list[int]]] = []
+        for request, n, results in zip(batch.requests, batch.num_new_tokens, sampled):
+            request.num_computed_tokens += n
+            new: list[int] = []
+            reason = None
+            for result in results:
+                request.output_token_ids.append(result.token_id)
+                if request.params.logprobs is not None:
+                    request.output_logprobs.append(result)
+                new.append(result.token_id)
+                reason = stop_reason(request, result.token_id)
+                if reason is not None:
+                    break
+            if new and request.first_token_time is None:
+                request.first_token_time = now
+            if reason is not None:
+                self.finish_request(request, reason)
+            if new or reason is not None:
+                updates.append((request, new))
+        return updates
+
+    def rollback(self, request: Request, num_tokens: int) -> None:
+        """Forget the K/V of the last ``num_tokens`` computed tokens; a later step recomputes them."""
+        if not 0 <= num_tokens <= request.num_computed_tokens:
+            raise ValueError(f"cannot roll back {num_tokens} of {request.num_computed_tokens} computed tokens")
+        request.num_computed_tokens -= num_tokens
+
+    def finish_request(self, request: Request, reason: str) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.request_id)
+        self.kv.free(request)
         request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finish_time = time.monotonic()
+
+    # --- reporting ------------------------------------------------------------------------
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            running=tuple(r.request_id for r in self.running),
+            waiting=tuple(r.request_id for r in self.waiting),
+            num_preemptions=self.num_preemptions,
+        )
+
+    def check_invariants(self) -> None:
+        live = self.running + list(self.waiting)
+        assert len({r.request_id for r in live}) == len(live), "a request is queued twice"
+        assert len(self.running) <= self.max_num_seqs, f"{len(self.running)} running > max_num_seqs"
+        for r in self.waiting:
+            assert r.status == RequestStatus.WAITING, f"{r.request_id} waits with status {r.status}"
+            assert not self.kv.block_table(r.request_id), f"waiting request {r.request_id} holds blocks"
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING, f"{r.request_id} runs with status {r.status}"
+            held = len(self.kv.block_table(r.request_id)) * self.kv.block_size
+            assert held >= r.num_computed_tokens, f"{r.request_id} computed more than it holds"

@@ -4,7 +4,8 @@ the model's chat template rendered with Jinja2, and a streaming-safe detokenizer
 A byte-level BPE vocabulary spells every token in a 256-character alphabet that stands
 for raw bytes, so one token can end in the middle of a multi-byte UTF-8 character.
 :class:`IncrementalDetokenizer` therefore holds text back until it decodes cleanly:
-streamed text never contains a broken character.
+streamed text never contains a broken character. :func:`token_bytes` turns a vocabulary
+entry back into the raw bytes it spells (what logprobs' ``bytes`` field reports).
 """
 
 from __future__ import annotations
@@ -17,6 +18,40 @@ from typing import Any
 from nanoserve.errors import ModelLoadError, UnsupportedModelError
 
 CONTROL_TOKEN_TYPE = 3  # llama.cpp's token type for special tokens like <|im_end|>
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character that spells each of the 256 bytes.
+
+    Printable Latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) spell themselves; the
+    other 68 (space, control bytes, ...) take the characters from U+0100 on, in byte order,
+    so a space is ``Ġ`` (U+0120) and a newline ``Ċ`` (U+010A).
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    alphabet = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in alphabet]
+    alphabet.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return dict(sorted(alphabet.items()))
+
+
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(piece: str) -> bytes:
+    """The raw bytes a vocabulary entry (``backend.id_to_token(id)``) stands for.
+
+    A byte-level BPE piece, every character of which is in :func:`bytes_to_unicode`'s
+    alphabet, is one byte per character (``"Ġhi"`` -> ``b" hi"``); any other piece (an
+    added token spelled in plain text) is its UTF-8 encoding. The bytes of a single token
+    may end inside a multi-byte character.
+    """
+    if all(char in _BYTE_OF_CHAR for char in piece):
+        return bytes(_BYTE_OF_CHAR[char] for char in piece)
+    return piece.encode("utf-8")
 
 
 class Tokenizer:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoserve.engine import LLM, LLMEngine
+from nanoserve.engine import LLMEngine
+from nanoserve.llm import LLM
 from nanoserve.sampling import SamplingParams
 
 
@@ -14,9 +15,9 @@ def greedy_tokens_and_logits(engine: LLMEngine, prompts: list[list[int]], max_to
     execute = engine.runner.execute
 
     def recording_execute(batch):
-        logits, requests = execute(batch)
+        logits = execute(batch)
         logits_seen.append(logits.copy())
-        return logits, requests
+        return logits
 
     engine.runner.execute = recording_execute
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

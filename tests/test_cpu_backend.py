@@ -97,7 +97,7 @@ def test_smollm2_engine_on_cpu_chooses_the_reference_tokens(smollm2_loaded, kv_c
 
 def test_float16_pages_hold_twice_the_tokens_and_barely_move_the_logits(smollm2_loaded):
     engines = {dtype: LLMEngine(loaded=smollm2_loaded, kv_cache_memory=0.05, kv_cache_dtype=dtype) for dtype in ("float32", "float16")}
-    blocks32, blocks16 = (engines[d].kv.pool.num_blocks for d in ("float32", "float16"))
+    blocks32, blocks16 = (engines[d].stats().num_blocks for d in ("float32", "float16"))
     assert 2 * blocks32 <= blocks16 <= 2 * blocks32 + 1  # the same budget, rounded down to whole blocks
     assert engines["float16"].cache.nbytes <= 0.05 * 2**30
     assert engines["float16"].cache.k.dtype == np.float16

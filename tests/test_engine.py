@@ -12,17 +12,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from nanoserve.cache.block_pool import BlockPool
 from nanoserve.cache.contiguous import ContiguousKVCache
 from nanoserve.cache.kv_cache_manager import KVCacheManager
 from nanoserve.cache.paged import PagedKVCache
 from nanoserve.engine import LLMEngine
 from nanoserve.errors import CapacityError, InvalidSamplingParams, PromptTooLongError, RequestError
+from nanoserve.interfaces import ScheduledBatch
 from nanoserve.kernels import get_backend
 from nanoserve.model import LlamaModel
 from nanoserve.model_runner import ModelRunner
 from nanoserve.request import Request
 from nanoserve.sampling import SamplingParams
-from nanoserve.scheduler import ScheduledBatch
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -97,17 +98,18 @@ def test_chunked_prefill_gives_the_same_logits_as_one_shot_prefill(tiny_loaded, 
     one_shot.set_positions(positions)
     expected = model.compute_logits(model.forward(np.asarray(prompt), positions, one_shot)[-1:])
 
-    kv = KVCacheManager(num_blocks=32, block_size=4)
+    kv = KVCacheManager(BlockPool(32), block_size=4)
     cache = PagedKVCache(config, 32, 4, backend)
-    kv.pool.allocate(5)  # occupy some blocks so the request's pages are not 0, 1, 2...
+    kv.allocator.allocate(5)  # occupy some blocks so the request's pages are not 0, 1, 2...
     runner = ModelRunner(model, cache, kv)
     request = Request("r", prompt, GREEDY, 12, np.random.default_rng(0))
     logits = None
     while request.num_computed_tokens < len(prompt):
         n = min(chunk, len(prompt) - request.num_computed_tokens)
-        assert kv.allocate_slots("r", request.num_computed_tokens + n)
-        logits, sampled = runner.execute(ScheduledBatch([request], [n]))
-        assert (len(sampled) == 1) == (request.num_computed_tokens + n == len(prompt))
+        assert kv.allocate_slots(request, n)
+        last = request.num_computed_tokens + n == len(prompt)
+        logits = runner.execute(ScheduledBatch([request], [n], [int(last)]))
+        assert len(logits) == int(last)
         request.num_computed_tokens += n
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -123,12 +125,12 @@ def test_preempted_requests_produce_the_same_text_as_unpreempted_ones(tiny_loade
     tight = make_engine(tiny_loaded, num_blocks=14, block_size=4)  # 56 slots for ~180 tokens of demand
     tight_ids = [tight.add_request(p, params) for p in prompts]
     got = run_to_completion(tight)
-    assert tight.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert tight.stats().num_preemptions > 0, "the pool was meant to force preemption"
     assert any(o.num_preemptions for o in got.values())
     for a, b in zip(ids, tight_ids):
         assert got[b].token_ids == expected[a].token_ids
         assert got[b].text == expected[a].text
-    assert tight.kv.pool.num_free == tight.kv.pool.num_blocks
+    assert tight.stats().num_free_blocks == tight.stats().num_blocks
 
 
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(tiny_loaded):
@@ -219,7 +221,7 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_recovers(
     outs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "error")]
     assert "injected failure" in outs[0].error
-    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
     monkeypatch.setattr(engine.runner, "execute", original)
     rid2 = engine.add_request([5, 6, 7, 8], GREEDY)
     assert run_to_completion(engine)[rid2].finish_reason == "length"
@@ -229,9 +231,9 @@ def test_abort_frees_blocks_at_once_and_reports_the_request_once(tiny_loaded):
     engine = make_engine(tiny_loaded)
     rid = engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
-    assert engine.kv.pool.num_used > 0
+    assert engine.stats().num_used_blocks > 0
     assert engine.abort(rid)
-    assert engine.kv.pool.num_used == 0
+    assert engine.stats().num_used_blocks == 0
     assert not engine.abort(rid)
     outs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "abort")]
@@ -254,10 +256,13 @@ class EngineMachine(RuleBasedStateMachine):
     """Random add / step / abort sequences; invariants after every rule; everything finishes."""
 
     loaded = None  # set by the test below
+    engine_kwargs: dict = {}  # e.g. another implementation of a seam (tests/test_engine_seams.py)
 
     def __init__(self) -> None:
         super().__init__()
-        self.engine = make_engine(self.loaded, num_blocks=12, block_size=4, max_num_batched_tokens=10, max_num_seqs=3)
+        self.engine = make_engine(
+            self.loaded, num_blocks=12, block_size=4, max_num_batched_tokens=10, max_num_seqs=3, **self.engine_kwargs
+        )
         self.live: list[str] = []
         self.added: set[str] = set()
         self.finished: dict[str, str] = {}
@@ -309,7 +314,7 @@ class EngineMachine(RuleBasedStateMachine):
             self._consume(self.engine.step())
             self.engine.check_invariants()
         assert set(self.finished) == self.added, "every accepted request finishes exactly once"
-        assert self.engine.kv.pool.num_free == self.engine.kv.pool.num_blocks
+        assert self.engine.stats().num_free_blocks == self.engine.stats().num_blocks
 
 
 def test_engine_state_machine(tiny_loaded):

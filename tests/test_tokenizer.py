@@ -1,5 +1,6 @@
-"""The tokenizer: ids and chat prompts identical to HF transformers on the real model, and
-streaming detokenization that never emits a broken character and loses nothing.
+"""The tokenizer: ids and chat prompts identical to HF transformers on the real model,
+streaming detokenization that never emits a broken character and loses nothing, and the
+byte-level alphabet that turns a token back into its raw bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from nanoserve.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_to_unicode, token_bytes
 
 CORPUS = [
     "Hello, world!",
@@ -186,3 +187,28 @@ def test_flush_releases_an_incomplete_tail(tiny_tok: Tokenizer) -> None:
     assert "\ufffd" not in "".join(deltas)
     assert "".join(deltas) + tail == tiny_tok.decode(cut)
     assert tail.endswith("\ufffd")
+
+
+# --- the byte-level alphabet ------------------------------------------------------------------
+
+
+def test_the_byte_level_alphabet_spells_each_byte_with_its_own_character() -> None:
+    alphabet = bytes_to_unicode()
+    assert list(alphabet) == list(range(256))
+    assert len(set(alphabet.values())) == 256
+    assert alphabet[ord("a")] == "a" and alphabet[ord("é".encode("latin-1"))] == "é"
+    assert alphabet[ord(" ")] == "Ġ" and alphabet[ord("\n")] == "Ċ"  # GPT-2's spellings
+
+
+def test_token_bytes_reads_byte_level_pieces_and_encodes_other_text() -> None:
+    assert token_bytes("Ġhello") == b" hello"
+    assert token_bytes("".join(bytes_to_unicode()[b] for b in "😀".encode())) == "😀".encode()
+    assert token_bytes("<|im_end|>") == b"<|im_end|>"
+    assert token_bytes("日本") == "日本".encode()  # not in the alphabet: plain UTF-8
+    assert token_bytes("") == b""
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_the_bytes_of_a_texts_tokens_join_into_the_text(tiny_tok: Tokenizer, text: str) -> None:
+    pieces = [tiny_tok.backend.id_to_token(t) for t in tiny_tok.encode(text)]
+    assert b"".join(token_bytes(p) for p in pieces) == text.encode()

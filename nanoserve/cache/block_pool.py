@@ -10,6 +10,10 @@ Invariants (``check_invariants``):
 
 The free list is ordered least-recently-freed first, so allocation reuses the block
 that has been free the longest (a prefix cache can still find the recently freed ones).
+When the free list runs short, ``allocate`` asks its *evictor* (a prefix cache holding
+blocks nobody else uses; ``set_evictor``) to free the difference first.
+
+It implements :class:`nanoserve.interfaces.BlockAllocator` (registered as ``"lru"``).
 An ``OrderedDict`` gives O(1) append, pop-front and removal from the middle (when a free
 block is shared again).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from nanoserve.errors import NanoserveError
+from nanoserve.interfaces import Evictor
 
 
 class NoFreeBlocksError(NanoserveError):
@@ -32,6 +37,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.refcount = [0] * num_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.evictor: Evictor | None = None
 
     @property
     def num_free(self) -> int:
@@ -41,10 +47,23 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self.free_blocks)
 
+    @property
+    def num_allocatable(self) -> int:
+        """Blocks ``allocate`` can hand out now: free, plus what the evictor could free."""
+        return len(self.free_blocks) + (self.evictor.num_evictable if self.evictor else 0)
+
+    def set_evictor(self, evictor: Evictor | None) -> None:
+        self.evictor = evictor
+
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks from the front of the free list (refcount 0 -> 1)."""
+        """Take ``n`` blocks from the front of the free list (refcount 0 -> 1), evicting first if short."""
+        if n > self.num_allocatable:
+            raise NoFreeBlocksError(f"asked for {n} blocks, {self.num_allocatable} free or evictable")
         if n > len(self.free_blocks):
-            raise NoFreeBlocksError(f"asked for {n} blocks, {len(self.free_blocks)} free")
+            assert self.evictor is not None
+            self.evictor.evict(n - len(self.free_blocks))
+            if n > len(self.free_blocks):
+                raise NoFreeBlocksError(f"asked for {n} blocks; only {len(self.free_blocks)} free after eviction")
         blocks = []
         for _ in range(n):
             block, _ = self.free_blocks.popitem(last=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nanoserve.config import KV_CACHE_DTYPES
 from nanoserve.kernels import Backend
 from nanoserve.model.config import LlamaConfig
 
@@ -31,7 +32,7 @@ class AttentionMetadata:
     seq_lens: Any  # [S] int, tokens in the cache per sequence after this step
 
 
-KV_CACHE_DTYPES = {"float32": 4, "float16": 2}  # page formats and their bytes per value
+BYTES_PER_VALUE = {"float32": 4, "float16": 2}  # each of KV_CACHE_DTYPES (the page formats)
 
 
 def bytes_per_block(config: LlamaConfig, block_size: int, dtype: str = "float32") -> int:
@@ -42,7 +43,7 @@ def bytes_per_block(config: LlamaConfig, block_size: int, dtype: str = "float32"
 def _itemsize(dtype: str) -> int:
     if dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {dtype!r}")
-    return KV_CACHE_DTYPES[dtype]
+    return BYTES_PER_VALUE[dtype]
 
 
 class PagedKVCache:

@@ -46,7 +46,6 @@ class LlamaModel:
         self.xp = backend.xp
         self.k = backend.kernels
         self.weights = _to_device(weights, backend)
-        self.scale = config.head_dim**-0.5
 
     def forward(self, input_ids: Any, positions: Any, kv_cache: KVCache) -> Any:  # [T], [T] -> [T, d]
         """Run every layer over the batch's T tokens; returns the final hidden states."""

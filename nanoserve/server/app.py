@@ -13,8 +13,9 @@ its unfinished engine requests are aborted, which frees their KV blocks at once.
 
 Every error is answered as ``{"error": {"message", "type", "param", "code"}}`` with its
 status: 400 invalid request, 401 bad API key, 404 unknown model or route, 413 body too
-large, 503 (+ Retry-After) overloaded or shutting down. Errors never reach the engine
-thread: a bad request is refused before it is queued.
+large, 503 overloaded or shutting down. Every 503 -- these, and ``/health`` while the
+engine is not running -- carries ``Retry-After``. Errors never reach the engine thread: a
+bad request is refused before it is queued.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from nanoserve.engine import LLMEngine, RequestOutput
+from nanoserve.engine import LLMEngine
 from nanoserve.errors import (
     CapacityError,
     EngineOverloadedError,
@@ -45,6 +46,8 @@ from nanoserve.errors import (
     PromptTooLongError,
     RequestError,
 )
+from nanoserve.output import RequestOutput
+from nanoserve.sampling import SampleResult
 from nanoserve.server import protocol as proto
 from nanoserve.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from nanoserve.server.metrics import ServerMetrics
@@ -89,6 +92,14 @@ class Job:
     @property
     def num_choices(self) -> int:
         return len(self.choice_of)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    def prompt_text(self, choice: int) -> str:
+        """The text of the prompt that choice ``choice`` continues."""
+        return self.prompt_texts[choice // self.n]
 
 
 def create_app(
@@ -135,8 +146,12 @@ def create_app(
 
 # --- errors -------------------------------------------------------------------------------
 def _error_response(state: ServerState, error: APIError) -> JSONResponse:
+    """The one place an error becomes a response: counted, and a 503 always has Retry-After."""
     state.metrics.http_errors.labels(str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    headers = dict(error.headers)
+    if error.status == 503:
+        headers.setdefault("Retry-After", str(state.retry_after_s))
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
@@ -147,9 +162,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(
-            state, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
-        )
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error_response(state, APIError(exc.status_code, message, code=code, headers=exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,7 +183,7 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 def _engine_error(state: ServerState, exc: Exception, prompt_param: str) -> APIError:
     """Translate an engine refusal into the HTTP error the client gets."""
     if isinstance(exc, EngineOverloadedError):
-        return _unavailable(state, str(exc))
+        return _unavailable(str(exc))
     if isinstance(exc, PromptTooLongError):
         return bad_request(str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, CapacityError):
@@ -182,18 +196,17 @@ def _engine_error(state: ServerState, exc: Exception, prompt_param: str) -> APIE
     return APIError(500, f"internal server error ({type(exc).__name__}: {exc})", "server_error")
 
 
-def _unavailable(state: ServerState, message: str) -> APIError:
-    """503 with Retry-After: overloaded or shutting down; the client may try again."""
-    headers = {"Retry-After": str(state.retry_after_s)}
-    return APIError(503, message, "server_overloaded", code="server_overloaded", headers=headers)
+def _unavailable(message: str) -> APIError:
+    """503: overloaded or shutting down, the client may try again (the response adds Retry-After)."""
+    return APIError(503, message, "server_overloaded", code="server_overloaded")
 
 
-def _check_finals(state: ServerState, finals: dict[str, RequestOutput]) -> None:
+def _check_finals(finals: dict[str, RequestOutput]) -> None:
     for out in finals.values():
         if out.finish_reason == "error":
             raise APIError(500, f"generation failed: {out.error}", "server_error")
         if out.finish_reason == "abort":
-            raise _unavailable(state, SHUTTING_DOWN)
+            raise _unavailable(SHUTTING_DOWN)
 
 
 # --- request plumbing ------------------------------------------------------------------------
@@ -286,7 +299,7 @@ async def _submit(
     return Job(job_id, int(time.time()), model, stream, choice_of, prompts, texts, n)
 
 
-async def _collect(state: ServerState, request: Request, job: Job) -> dict[str, RequestOutput] | None:
+async def _collect(request: Request, job: Job) -> dict[str, RequestOutput] | None:
     """Final outputs of every choice, or None if the client went away first (then all are aborted)."""
     results = asyncio.ensure_future(job.stream.final_outputs())
     gone = asyncio.ensure_future(_client_gone(request))
@@ -296,7 +309,7 @@ async def _collect(state: ServerState, request: Request, job: Job) -> dict[str, 
             try:
                 return results.result()
             except EngineOverloadedError as exc:
-                raise _unavailable(state, str(exc)) from None
+                raise _unavailable(str(exc)) from None
         return None
     finally:
         gone.cancel()
@@ -341,11 +354,11 @@ async def _stream_outputs(job: Job) -> AsyncIterator[tuple[int, RequestOutput | 
                 yield index, APIError(500, f"generation failed: {out.error}", "server_error")
                 return
             if out.finish_reason == "abort":
-                yield index, APIError(503, SHUTTING_DOWN, "server_overloaded", code="server_overloaded")
+                yield index, _unavailable(SHUTTING_DOWN)
                 return
             yield index, out
     except EngineOverloadedError as exc:
-        yield 0, APIError(503, str(exc), "server_overloaded", code="server_overloaded")
+        yield 0, _unavailable(str(exc))
     except Exception as exc:  # the engine thread failed this request
         yield 0, APIError(500, f"generation failed: {exc}", "server_error")
 
@@ -354,8 +367,10 @@ async def _stream_outputs(job: Job) -> AsyncIterator[tuple[int, RequestOutput | 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = state.engine.is_running
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        if state.engine.is_running:
+            return JSONResponse({"status": "ok"})
+        headers = {"Retry-After": str(state.retry_after_s)}
+        return JSONResponse({"status": "unavailable"}, status_code=503, headers=headers)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -381,13 +396,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         model = _check_model(state, req.model)
         prompt = _render_chat(state, req)
         job = await _submit(state, req, [state.engine.tokenizer.encode(prompt)], [prompt], model, "chatcmpl")
-        if req.stream:
-            return EventStream(_chat_events(state, req, job), job.stream)
-        finals = await _collect(state, request, job)
-        if finals is None:
-            return Response(status_code=499)
-        _check_finals(state, finals)
-        return JSONResponse(_chat_response(state, req, job, finals))
+        return await _answer(request, ChatShape(req, job, state.token_text))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -398,13 +407,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
         texts = [p if isinstance(p, str) else _decode(tok, p) for p in req.prompt]
         job = await _submit(state, req, prompts, texts, model, "cmpl")
-        if req.stream:
-            return EventStream(_completion_events(state, req, job), job.stream)
-        finals = await _collect(state, request, job)
-        if finals is None:
-            return Response(status_code=499)
-        _check_finals(state, finals)
-        return JSONResponse(_completion_response(state, req, job, finals))
+        return await _answer(request, CompletionShape(req, job, state.token_text))
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -424,53 +427,124 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     }
 
 
-# --- chat responses ---------------------------------------------------------------------------
-def _chat_response(
-    state: ServerState, req: ChatCompletionRequest, job: Job, finals: dict[str, RequestOutput]
-) -> dict[str, Any]:
-    choices = []
-    for request_id, out in finals.items():
-        logprobs = proto.chat_logprobs(out.logprobs, state.token_text) if req.logprobs else None
+# --- response shapes ------------------------------------------------------------------------------
+Choice = dict[str, Any]
+
+
+def _choice(
+    index: int, content: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None
+) -> Choice:
+    """One entry of ``choices``; ``content`` is the endpoint's part (``message``, ``delta`` or ``text``)."""
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+@dataclass
+class Shape:
+    """How one request's choices look: whole in a JSON response (``choice``), or streamed as
+    ``opening`` chunks and then one ``chunk_choice`` per output. One subclass per endpoint."""
+
+    req: Any  # the endpoint's request model
+    job: Job
+    token_text: proto.TokenText
+    object_name: ClassVar[str]  # of the JSON response
+    chunk_object_name: ClassVar[str]  # of each streamed chunk
+
+
+class ChatShape(Shape):
+    """Chat choices: a ``message`` each; streamed, a role chunk each, then ``delta`` chunks."""
+
+    req: ChatCompletionRequest
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def choice(self, index: int, out: RequestOutput) -> Choice:
+        logprobs = proto.chat_logprobs(out.logprobs, self.token_text) if self.req.logprobs else None
         message = {"role": "assistant", "content": out.text}
-        choices.append(
-            {
-                "index": job.choice_of[request_id],
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": proto.finish_reason(out),
-            }
-        )
-    return _response(job, "chat.completion", choices, finals)
+        return _choice(index, {"message": message}, logprobs, proto.finish_reason(out))
+
+    def opening(self) -> list[Choice]:
+        """The chunks' choices sent before any output: each choice's role."""
+        return [
+            _choice(i, {"delta": {"role": "assistant", "content": ""}}) for i in range(self.job.num_choices)
+        ]
+
+    def chunk_choice(self, index: int, out: RequestOutput, new_logprobs: list[SampleResult]) -> Choice:
+        logprobs = proto.chat_logprobs(new_logprobs, self.token_text) if new_logprobs else None
+        delta = {"content": out.delta} if out.delta or not out.finished else {}
+        return _choice(index, {"delta": delta}, logprobs, proto.finish_reason(out))
 
 
-def _response(job: Job, object_name: str, choices: list[dict[str, Any]], finals: dict[str, Any]) -> dict[str, Any]:
-    """The non-streaming body shared by both endpoints: choices in index order and exact usage."""
+class CompletionShape(Shape):
+    """Completion choices: a ``text`` each (after the prompt's, with ``echo``); streamed, ``text`` chunks."""
+
+    req: CompletionRequest
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, req: CompletionRequest, job: Job, token_text: proto.TokenText) -> None:
+        super().__init__(req, job, token_text)
+        self.text_offset = [0] * job.num_choices  # characters of token text streamed, per choice
+
+    def choice(self, index: int, out: RequestOutput) -> Choice:
+        prefix = self.job.prompt_text(index) if self.req.echo else ""
+        logprobs = None
+        if self.req.logprobs is not None:
+            logprobs = proto.completion_logprobs(out.logprobs, self.token_text)
+        return _choice(index, {"text": prefix + out.text}, logprobs, proto.finish_reason(out))
+
+    def opening(self) -> list[Choice]:
+        """The chunks' choices sent before any output: with ``echo``, each choice's prompt."""
+        if not self.req.echo:
+            return []
+        return [_choice(i, {"text": self.job.prompt_text(i)}) for i in range(self.job.num_choices)]
+
+    def chunk_choice(self, index: int, out: RequestOutput, new_logprobs: list[SampleResult]) -> Choice:
+        logprobs = None
+        if new_logprobs:
+            logprobs = proto.completion_logprobs(new_logprobs, self.token_text, self.text_offset[index])
+            self.text_offset[index] += sum(len(t) for t in logprobs["tokens"])
+        return _choice(index, {"text": out.delta}, logprobs, proto.finish_reason(out))
+
+
+# --- responses ------------------------------------------------------------------------------------
+async def _answer(request: Request, shape: ChatShape | CompletionShape) -> Response:
+    """Stream the job's outputs as Server-Sent Events, or wait for them all and answer JSON."""
+    if shape.req.stream:
+        return EventStream(_events(shape), shape.job.stream)
+    finals = await _collect(request, shape.job)
+    if finals is None:
+        return Response(status_code=499)
+    _check_finals(finals)
+    return JSONResponse(_response(shape, finals))
+
+
+def _response(shape: ChatShape | CompletionShape, finals: dict[str, RequestOutput]) -> dict[str, Any]:
+    """The non-streamed body: every choice, in index order, and exact usage."""
+    job = shape.job
+    choices = [shape.choice(job.choice_of[request_id], out) for request_id, out in finals.items()]
     choices.sort(key=lambda c: c["index"])
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     return {
         "id": job.id,
-        "object": object_name,
+        "object": shape.object_name,
         "created": job.created,
         "model": job.model,
         "choices": choices,
-        "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens),
+        "usage": proto.usage(job.num_prompt_tokens, completion_tokens),
     }
 
 
-async def _chat_events(state: ServerState, req: ChatCompletionRequest, job: Job) -> AsyncIterator[str]:
-    base = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+async def _events(shape: ChatShape | CompletionShape) -> AsyncIterator[str]:
+    """The streamed body: the opening chunks, a chunk per output with new text, logprobs or a
+    finish, then (``include_usage``) a usage chunk with no choices, then ``[DONE]``.
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-        event = {
-            **base,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if req.include_usage:
-            event["usage"] = None
-        return _sse(event)
-
-    for index in range(job.num_choices):
-        yield chunk(index, {"role": "assistant", "content": ""})
+    Every chunk holds one choice. An engine failure ends the stream with an error event and
+    ``[DONE]``.
+    """
+    job, req = shape.job, shape.req
+    base = {"id": job.id, "object": shape.chunk_object_name, "created": job.created, "model": job.model}
+    usage: dict[str, Any] = {"usage": None} if req.include_usage else {}
+    for choice in shape.opening():
+        yield _sse({**base, "choices": [choice], **usage})
     logprobs_sent = [0] * job.num_choices
     completion_tokens = 0
     async for index, out in _stream_outputs(job):
@@ -478,82 +552,14 @@ async def _chat_events(state: ServerState, req: ChatCompletionRequest, job: Job)
             yield _sse(out.body())
             yield _sse("[DONE]")
             return
-        logprobs = None
-        if req.logprobs and len(out.logprobs) > logprobs_sent[index]:
-            logprobs = proto.chat_logprobs(out.logprobs[logprobs_sent[index] :], state.token_text)
+        new_logprobs: list[SampleResult] = []
+        if req.num_logprobs is not None:
+            new_logprobs = out.logprobs[logprobs_sent[index] :]
             logprobs_sent[index] = len(out.logprobs)
         if out.finished:
             completion_tokens += len(out.token_ids)
-            delta = {"content": out.delta} if out.delta else {}
-            yield chunk(index, delta, proto.finish_reason(out), logprobs)
-        elif out.delta or logprobs:
-            yield chunk(index, {"content": out.delta}, None, logprobs)
+        if out.finished or out.delta or new_logprobs:
+            yield _sse({**base, "choices": [shape.chunk_choice(index, out, new_logprobs)], **usage})
     if req.include_usage:
-        yield _sse(
-            {**base, "choices": [], "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens)}
-        )
-    yield _sse("[DONE]")
-
-
-# --- completion responses ------------------------------------------------------------------------
-def _completion_response(
-    state: ServerState, req: CompletionRequest, job: Job, finals: dict[str, RequestOutput]
-) -> dict[str, Any]:
-    choices = []
-    for request_id, out in finals.items():
-        index = job.choice_of[request_id]
-        prefix = job.prompt_texts[index // job.n] if req.echo else ""
-        logprobs = (
-            proto.completion_logprobs(out.logprobs, state.token_text) if req.logprobs is not None else None
-        )
-        choices.append(
-            {
-                "index": index,
-                "text": prefix + out.text,
-                "logprobs": logprobs,
-                "finish_reason": proto.finish_reason(out),
-            }
-        )
-    return _response(job, "text_completion", choices, finals)
-
-
-async def _completion_events(state: ServerState, req: CompletionRequest, job: Job) -> AsyncIterator[str]:
-    base = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
-
-    def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
-        event = {
-            **base,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if req.include_usage:
-            event["usage"] = None
-        return _sse(event)
-
-    if req.echo:
-        for index in range(job.num_choices):
-            yield chunk(index, job.prompt_texts[index // job.n])
-    logprobs_sent = [0] * job.num_choices
-    text_offset = [0] * job.num_choices
-    completion_tokens = 0
-    async for index, out in _stream_outputs(job):
-        if isinstance(out, APIError):
-            yield _sse(out.body())
-            yield _sse("[DONE]")
-            return
-        logprobs = None
-        if req.logprobs is not None and len(out.logprobs) > logprobs_sent[index]:
-            logprobs = proto.completion_logprobs(
-                out.logprobs[logprobs_sent[index] :], state.token_text, text_offset[index]
-            )
-            logprobs_sent[index] = len(out.logprobs)
-            text_offset[index] += sum(len(t) for t in logprobs["tokens"])
-        if out.finished:
-            completion_tokens += len(out.token_ids)
-            yield chunk(index, out.delta, proto.finish_reason(out), logprobs)
-        elif out.delta or logprobs:
-            yield chunk(index, out.delta, None, logprobs)
-    if req.include_usage:
-        yield _sse(
-            {**base, "choices": [], "usage": proto.usage(sum(map(len, job.prompts)), completion_tokens)}
-        )
+        yield _sse({**base, "choices": [], "usage": proto.usage(job.num_prompt_tokens, completion_tokens)})
     yield _sse("[DONE]")

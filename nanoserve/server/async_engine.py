@@ -14,8 +14,9 @@ way to wake an asyncio loop from another thread. The engine thread never blocks 
 event loop and the event loop never blocks on a step.
 
 Read-only facts that never change after start-up (tokenizer, model name, context length,
-pool size) are copied out at construction; :attr:`AsyncEngine.stats` is a snapshot the
-engine thread replaces after every step.
+pool size) are copied out at construction; :attr:`AsyncEngine.stats` is the engine's own
+snapshot (:class:`nanoserve.stats.EngineStats`), which the engine thread replaces with
+``engine.stats()`` after every step.
 """
 
 from __future__ import annotations
@@ -30,32 +31,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nanoserve.engine import LLMEngine, RequestOutput
+from nanoserve.engine import LLMEngine
 from nanoserve.errors import EngineOverloadedError, RequestError
+from nanoserve.output import RequestOutput
 from nanoserve.sampling import SamplingParams
+from nanoserve.stats import EngineStats
 
 logger = logging.getLogger("nanoserve.server")
 
 Observer = Callable[[list[RequestOutput], float], None]  # (outputs of one step, monotonic time)
 IDLE_POLL_S = 0.5  # how often an idle engine thread wakes up to publish stats
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the engine looked like after its latest step (a snapshot: safe to read anywhere)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks: int = 0
-    num_free_blocks: int = 0
-    num_used_blocks: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished: int = 0
-    aborted: int = 0
-    errors: int = 0
 
 
 @dataclass
@@ -125,10 +110,8 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer  # immutable: safe to use from any thread
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
-        self.num_kv_slots = engine.kv.pool.num_blocks * engine.kv.block_size
-        self.stats = EngineStats(
-            num_blocks=engine.kv.pool.num_blocks, num_free_blocks=engine.kv.pool.num_free
-        )
+        self.stats: EngineStats = engine.stats()  # the latest snapshot; replaced, never mutated
+        self.num_kv_slots = self.stats.num_kv_slots
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, OutputStream] = {}  # engine thread only
         self._observers: list[Observer] = []
@@ -198,12 +181,6 @@ class AsyncEngine:
         self._commands.put(("call", fn, done))
         return done.result(timeout)
 
-    async def call(self, fn: Callable[[LLMEngine], Any], timeout: float = 30.0) -> Any:
-        """``run_in_engine`` for asyncio code."""
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._commands.put(("call", fn, done))
-        return await asyncio.wait_for(asyncio.wrap_future(done), timeout)
-
     # --- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
         stopping = False
@@ -254,7 +231,7 @@ class AsyncEngine:
             logger.exception("engine command %r failed", kind)
 
     def _add(self, requests: list[SubRequest], stream: OutputStream, admitted: asyncio.Future[None]) -> None:
-        waiting = len(self._engine.scheduler.waiting)
+        waiting = self._engine.stats().num_waiting  # live, not the snapshot: earlier adds count
         if self.max_waiting is not None and waiting + len(requests) > self.max_waiting:
             error: BaseException | None = EngineOverloadedError(
                 f"the server is overloaded: {waiting} requests are already waiting (limit {self.max_waiting}); retry later"
@@ -313,22 +290,7 @@ class AsyncEngine:
             _call_soon(stream._loop, stream.put_many, [error])
 
     def _publish_stats(self) -> None:
-        e = self._engine
-        pool = e.kv.pool
-        self.stats = EngineStats(
-            num_running=len(e.scheduler.running),
-            num_waiting=len(e.scheduler.waiting),
-            num_blocks=pool.num_blocks,
-            num_free_blocks=pool.num_free,
-            num_used_blocks=pool.num_used,
-            num_preemptions=e.scheduler.num_preemptions,
-            num_steps=e.num_steps,
-            prompt_tokens=e.totals["prompt_tokens"],
-            generation_tokens=e.totals["generation_tokens"],
-            finished=e.totals["finished"],
-            aborted=e.totals["aborted"],
-            errors=e.totals["errors"],
-        )
+        self.stats = self._engine.stats()
 
     def _shut_down(self) -> None:
         """Abort every live request, deliver those final outputs, refuse queued commands."""

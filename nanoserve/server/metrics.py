@@ -2,8 +2,9 @@
 
 Two sources, both safe to read from the HTTP thread:
 
-* gauges and counters read from :attr:`AsyncEngine.stats`, the snapshot the engine thread
-  publishes after every step (requests running/waiting, KV blocks, tokens, preemptions);
+* gauges and counters read from :attr:`AsyncEngine.stats`, the engine's
+  :class:`~nanoserve.stats.EngineStats` that the engine thread publishes after every step
+  (requests running/waiting, KV blocks, tokens, preemptions);
 * latency histograms fed on the engine thread by a step observer: time to first token
   (arrival -> first token), inter-token latency (gap between a request's consecutive
   tokens) and end-to-end latency (arrival -> finish).
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from nanoserve.engine import RequestOutput
+from nanoserve.output import RequestOutput
 from nanoserve.server.async_engine import AsyncEngine
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -40,10 +41,7 @@ class _EngineCollector:
             "nanoserve_kv_blocks_total": ("KV-cache blocks in the pool.", s.num_blocks),
             "nanoserve_kv_blocks_used": ("KV-cache blocks held by requests.", s.num_used_blocks),
             "nanoserve_kv_blocks_free": ("KV-cache blocks on the free list.", s.num_free_blocks),
-            "nanoserve_kv_cache_usage_ratio": (
-                "Fraction of KV-cache blocks in use.",
-                s.num_used_blocks / max(1, s.num_blocks),
-            ),
+            "nanoserve_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.", s.kv_cache_usage),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)

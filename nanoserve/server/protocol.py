@@ -21,15 +21,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nanoserve.engine import RequestOutput
 from nanoserve.errors import NanoserveError
-from nanoserve.sampling import SampleResult, SamplingParams
-from nanoserve.tokenizer import Tokenizer
+from nanoserve.output import RequestOutput
+from nanoserve.sampling import GREEDY_BELOW, SampleResult, SamplingParams
+from nanoserve.tokenizer import Tokenizer, token_bytes
 
 MAX_CHOICES = 16  # n (times the number of prompts) per request
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20
-GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (dividing by them overflows)
 UNION_TAGS = (
     "str",
     "int",
@@ -347,34 +346,13 @@ class TokenText:
 
     def __post_init__(self) -> None:
         self._cache: dict[int, tuple[str, list[int]]] = {}
-        self._byte_of = _byte_level_decoder()
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        """``(text, raw bytes)`` of one token; a partial character's text is U+FFFD."""
         if token_id not in self._cache:
-            piece = self.tokenizer.backend.id_to_token(token_id) or ""
-            if all(ch in self._byte_of for ch in piece):  # byte-level BPE: one char per byte
-                raw = bytes(self._byte_of[ch] for ch in piece)
-            else:
-                raw = piece.encode("utf-8")
+            raw = token_bytes(self.tokenizer.backend.id_to_token(token_id) or "")
             self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return self._cache[token_id]
-
-
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet inverted: the character that spells each byte -> the byte."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def chat_logprobs(results: list[SampleResult], token_text: TokenText) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from nanoserve.engine import EngineConfig, LLMEngine
+from nanoserve.config import EngineConfig
+from nanoserve.engine import LLMEngine
 from nanoserve.server.app import create_app
 from nanoserve.server.async_engine import AsyncEngine
 from nanoserve.server.runner import ServerThread
@@ -32,6 +34,7 @@ class RunningServer:
     model: str
     async_engine: AsyncEngine
     api_key: str = "unused"
+    app: FastAPI | None = None
 
     def client(self, **kwargs: Any) -> OpenAI:
         kwargs = {"api_key": self.api_key, "max_retries": 0, "timeout": 60.0, **kwargs}
@@ -80,9 +83,8 @@ def serve_tiny(
     app = create_app(async_engine, **app_kwargs)
     try:
         with ServerThread(app) as server:
-            yield RunningServer(
-                server.url, app.state.server.model_id, async_engine, app_kwargs.get("api_key") or "unused"
-            )
+            api_key = app_kwargs.get("api_key") or "unused"
+            yield RunningServer(server.url, app.state.server.model_id, async_engine, api_key, app)
     finally:
         async_engine.stop()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.exceptions import HTTPException
 
 from tests.server.conftest import TEST_MAX_BODY_BYTES, RunningServer, assert_error_shape, chat, serve_tiny
 
@@ -164,6 +166,37 @@ def test_a_full_waiting_queue_answers_503_with_retry_after(tiny_model_dir: str) 
                     assert refused.headers["retry-after"] == "1" and "overloaded" in error["message"]
         server.wait_until_idle(timeout=10)
         assert post(server, CHAT, OK_CHAT).status_code == 200  # and it serves again
+
+
+def test_every_other_503_carries_retry_after_too(tiny_model_dir: str) -> None:
+    """Besides a full queue (above): a request aborted at the drain deadline, a request and
+    ``/health`` once the engine has stopped, and an HTTPException(503) from a route."""
+
+    async def unavailable() -> None:
+        raise HTTPException(503, "down for maintenance")
+
+    long = {"prompt": "Go on", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with serve_tiny(tiny_model_dir, {"num_blocks": 64}, retry_after_s=7) as server:
+        server.app.add_api_route("/unavailable", unavailable)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(post, server, COMPLETIONS, long)
+            deadline = time.monotonic() + 5
+            while server.async_engine.stats.num_running == 0:
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.01)
+            server.async_engine.abort_all()  # what a drain that runs out of time does
+            answers = {"aborted": pending.result()}
+        answers["raised"] = httpx.get(server.url + "/unavailable")
+        server.async_engine.stop()
+        answers["refused"] = post(server, CHAT, OK_CHAT)
+        answers["health"] = httpx.get(server.url + "/health")
+    for source, response in answers.items():
+        assert response.status_code == 503, (source, response.text)
+        assert response.headers.get("retry-after") == "7", (source, response.headers)
+    for source in ("aborted", "raised", "refused"):
+        assert_error_shape(answers[source], 503)
+    assert "shutting down" in answers["aborted"].json()["error"]["message"]
+    assert "shutting down" in answers["refused"].json()["error"]["message"]
 
 
 # --- fuzzing -----------------------------------------------------------------------------------

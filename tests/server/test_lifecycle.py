@@ -14,9 +14,11 @@ import time
 import httpx
 import pytest
 
-from nanoserve.engine import EngineConfig, LLMEngine
+from nanoserve.config import EngineConfig
+from nanoserve.engine import LLMEngine
 from nanoserve.sampling import SamplingParams
 from nanoserve.server.async_engine import AsyncEngine, SubRequest
+from nanoserve.stats import EngineStats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,3 +125,5 @@ def test_async_engine_streams_match_the_engine_and_stop_aborts_live_requests(tin
     assert tokens == expected[0].token_ids
     assert last_reason == "abort"
     assert async_engine.stats.num_used_blocks == 0 and not async_engine.is_running
+    assert isinstance(async_engine.stats, EngineStats)  # the engine's own snapshot
+    assert async_engine.stats.num_steps > 0 and async_engine.stats.aborted == 1

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nanoserve.engine import EngineConfig, LLMEngine
+from nanoserve.config import EngineConfig
+from nanoserve.engine import LLMEngine
 from nanoserve.server.app import create_app
 from nanoserve.server.async_engine import AsyncEngine
 from nanoserve.server.runner import ServerThread

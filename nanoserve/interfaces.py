@@ -1,0 +1,238 @@
+"""The engine's parts and their contracts: what the engine is built from, and what a lab swaps.
+
+    LLMEngine
+      |-- Scheduler -------------- decides each step's work; owns every request's progress
+      |     `-- KVManager -------- block tables: which blocks hold each request's tokens
+      |           `-- BlockAllocator   ref-counted block ids (+ an Evictor, e.g. a prefix cache)
+      |-- ModelRunner ------------ one ragged forward pass (not swappable: it is the model)
+      `-- Sampler ---------------- logits rows -> tokens, per request
+
+Each contract is a ``typing.Protocol``: an implementation need not inherit from it, it only
+has to have the methods (``nanoserve.components.require`` checks that, naming what is
+missing). The engine builds the parts by constructor injection, each from the part below
+it, from the names in :class:`nanoserve.config.EngineConfig`:
+
+    allocator = BlockAllocator(num_blocks)
+    kv        = KVManager(allocator, block_size)
+    scheduler = Scheduler(kv, max_num_batched_tokens, max_num_seqs)
+    sampler   = Sampler(kernels)
+
+Every part keeps its invariants in ``check_invariants()``, which tests call after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from nanoserve.stats import KVCacheStats, SchedulerStats
+
+if TYPE_CHECKING:  # annotations only: request.py and sampling.py import nothing from here
+    from nanoserve.request import Request
+    from nanoserve.sampling import SampleResult
+
+
+class Evictor(Protocol):
+    """Something that holds blocks it could give back on demand (a prefix cache).
+
+    It holds a reference to each block it keeps (``BlockAllocator.share``), so those blocks
+    are not free; ``evict`` drops some of them (``BlockAllocator.free``) and says how many.
+    """
+
+    @property
+    def num_evictable(self) -> int:
+        """Blocks ``evict`` could free right now (held by nothing else)."""
+        ...
+
+    def evict(self, num_blocks: int) -> int:
+        """Free up to ``num_blocks`` blocks back to the allocator; returns how many it freed."""
+        ...
+
+
+class BlockAllocator(Protocol):
+    """A fixed set of ``num_blocks`` KV blocks, handed out by id and reference-counted.
+
+    Contract:
+      * ``allocate(n)`` returns ``n`` distinct blocks, each now with refcount 1, or raises
+        ``NoFreeBlocksError`` and changes nothing. When fewer than ``n`` are free it first asks
+        its evictor (if one is set) to free the difference.
+      * ``share(b)`` adds a holder to block ``b`` (taking it off the free list if it was free).
+      * ``free(blocks)`` drops one holder of each; a block whose refcount reaches 0 is free.
+        Freeing a free block is an error.
+      * ``num_free`` counts blocks with refcount 0; ``num_free + num_used == num_blocks``.
+      * ``num_allocatable`` is what ``allocate`` can give now: free + evictable.
+    """
+
+    num_blocks: int
+
+    @property
+    def num_free(self) -> int: ...
+
+    @property
+    def num_used(self) -> int: ...
+
+    @property
+    def num_allocatable(self) -> int: ...
+
+    def allocate(self, n: int) -> list[int]: ...
+
+    def share(self, block: int) -> None: ...
+
+    def free(self, blocks: list[int]) -> None: ...
+
+    def set_evictor(self, evictor: Evictor | None) -> None:
+        """Where ``allocate`` turns when the free list runs short (a prefix cache)."""
+        ...
+
+    def check_invariants(self, holders: dict[int, int] | None = None) -> None:
+        """Assert the pool is consistent; ``holders`` (block -> holders outside) must match refcounts."""
+        ...
+
+
+@dataclass(frozen=True)
+class ComputedPrefix:
+    """Blocks that already hold the K/V of a request's first ``num_tokens`` tokens."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # a multiple of the block size, always < the request's num_tokens
+
+
+class KVManager(Protocol):
+    """Block tables: which blocks hold each request's tokens, on top of a BlockAllocator.
+
+    Token ``t`` of a request lives at slot ``table[t // B] * B + t % B``.
+
+    Contract:
+      * ``get_computed_prefix(request)`` reports blocks that already hold the request's first
+        tokens (a prefix-cache hit). With no prefix cache it is ``ComputedPrefix()``: none.
+        It never covers the last known token, so at least one token is always computed.
+      * ``allocate_slots(request, num_new_tokens, num_lookahead_tokens, prefix)`` makes the
+        table cover ``request.num_computed_tokens + num_new_tokens + num_lookahead_tokens``
+        tokens (taking ``prefix``'s blocks first when given), or returns False and changes
+        nothing. Lookahead slots are for tokens a step may try and then roll back
+        (speculative drafts).
+      * ``free(request)`` gives up the request's blocks (a prefix cache may keep them).
+      * Only a table's last block may be partly empty.
+    """
+
+    block_size: int
+    allocator: BlockAllocator
+
+    def get_computed_prefix(self, request: Request) -> ComputedPrefix: ...
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        num_lookahead_tokens: int = 0,
+        prefix: ComputedPrefix | None = None,
+    ) -> bool: ...
+
+    def free(self, request: Request) -> None: ...
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The request's block ids in token order (empty if it holds none)."""
+        ...
+
+    def slot_mapping(self, request_id: str, start: int, end: int) -> np.ndarray:  # -> [end - start] int64
+        """Pool slots of tokens ``start .. end-1`` of the request."""
+        ...
+
+    def stats(self) -> KVCacheStats: ...
+
+    def check_invariants(self) -> None: ...
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: requests in batch order, how many tokens each computes, and how many
+    of its last positions need logits (1 when the step reaches the request's last known token;
+    k + 1 for a k-token speculative verification; 0 for a prompt chunk that is not the last)."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_logits: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler(Protocol):
+    """Continuous batching under a token budget, and the one owner of a request's progress.
+
+    Contract:
+      * ``schedule()`` returns at most ``max_num_batched_tokens`` tokens of work for at most
+        ``max_num_seqs`` requests, and every scheduled request holds slots for its tokens. It
+        may preempt (free a request's blocks, reset its ``num_computed_tokens`` to 0, keep its
+        outputs, queue it again); preempted requests are listed in the batch.
+      * ``update_from_output(batch, sampled)`` is the only place a step's results enter the
+        requests. For each scheduled request, in order: advance ``num_computed_tokens`` by its
+        ``num_new_tokens``; append the sampled tokens one by one, checking the stop conditions
+        after each (stop token, stop string, max_tokens) and dropping what follows a stop;
+        roll back the computed tokens a step tried but did not keep; free the blocks of
+        requests that finished. Returns ``(request, new token ids)`` for every request that
+        got tokens or finished.
+      * ``rollback(request, n)`` forgets the K/V of the last ``n`` computed tokens: they are
+        computed again (their slots overwritten) by a later step.
+      * ``finish_request(request, reason)`` ends a request wherever it is (abort, error)
+        and frees its blocks at once.
+    """
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+    def add_request(self, request: Request) -> None: ...
+
+    def schedule(self) -> ScheduledBatch: ...
+
+    def update_from_output(
+        self, batch: ScheduledBatch, sampled: list[list[SampleResult]]
+    ) -> list[tuple[Request, list[int]]]: ...
+
+    def rollback(self, request: Request, num_tokens: int) -> None: ...
+
+    def finish_request(self, request: Request, reason: str) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> SchedulerStats: ...
+
+    def check_invariants(self) -> None: ...
+
+
+LogitsProcessor = Callable[[list[int], np.ndarray], np.ndarray]
+"""``(output token ids so far, logits [V] float32) -> logits [V]``; e.g. -inf on banned tokens."""
+
+
+class Sampler(Protocol):
+    """Turns logits rows into tokens, per request.
+
+    Contract: ``sample(logits, requests, num_logits)`` gets the rows of every request in
+    batch order (``num_logits[i]`` rows for ``requests[i]``, possibly 0) and returns, per
+    request, one :class:`~nanoserve.sampling.SampleResult` per row. Each request's
+    ``params.logits_processors`` are applied to its rows first, before the greedy argmax
+    shortcut. A request's draws use only its own ``generator``, so they never depend on the
+    rest of the batch.
+    """
+
+    def sample(
+        self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
+    ) -> list[list[SampleResult]]:  # logits [sum(num_logits), V] float32
+        ...
+
+
+INTERFACES: dict[str, Any] = {
+    "block_allocator": BlockAllocator,
+    "kv_manager": KVManager,
+    "scheduler": Scheduler,
+    "sampler": Sampler,
+}
+"""The swappable seams by their EngineConfig field name."""

@@ -1,0 +1,86 @@
+"""What the engine reports about itself: one typed snapshot, read by the server, benches and notebooks.
+
+    engine.stats()        -> EngineStats   counters and gauges now (cheap: the server calls
+                                           it after every step)
+    engine.step_stats     -> deque[StepStats]  one record per step, oldest first
+
+Both are plain frozen values: reading them never touches the scheduler or the block pool,
+and holding one never changes what the engine does. A component (scheduler, KV manager)
+reports its part through its own ``stats()``; the engine assembles the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step: what ran, and what the pool looked like afterwards."""
+
+    step: int
+    time: float  # monotonic time at the end of the step
+    duration: float  # seconds the step took
+    batch_size: int  # requests in the batch
+    num_tokens: int  # tokens computed
+    num_running: int
+    num_waiting: int
+    blocks_used: int
+    blocks_free: int
+    preemptions: int  # in this step
+    kv_utilization: float  # slots holding computed tokens / slots in allocated blocks (0 when none)
+    scheduled: tuple[tuple[str, int], ...] = ()  # (request id, tokens computed) in batch order
+    preempted: tuple[str, ...] = ()  # request ids preempted in this step
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A scheduler's queues, by request id in order, and its preemption count."""
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """The block pool's occupancy, and every live request's block table."""
+
+    num_blocks: int = 0
+    block_size: int = 0
+    num_free_blocks: int = 0
+    num_used_blocks: int = 0
+    block_tables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # request id -> block ids
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine as of its latest step: queues, KV pool and lifetime totals."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+    num_free_blocks: int = 0
+    num_used_blocks: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    prompt_tokens: int = 0  # of every admitted request
+    generation_tokens: int = 0
+    finished: int = 0  # requests ended for any reason (aborts and errors included)
+    aborted: int = 0
+    errors: int = 0
+    running: tuple[str, ...] = ()  # request ids, batch order
+    waiting: tuple[str, ...] = ()  # request ids, queue order
+    block_tables: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    last_step: StepStats | None = None
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Token slots in the whole pool."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of blocks in use."""
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
