@@ -56,7 +56,11 @@ from kernels_cpu.pointwise import FASTMATH
 from kernels_ref.attention import gather_pages
 
 
-@njit(fastmath=FASTMATH, cache=True)
+# Not cached on disk: its signature holds the ``read_page`` function, and Numba's cache key for
+# a function argument never matches in another process. Every process compiled it anew anyway,
+# the on-disk index grew by one entry per process, and saving that index could fail with
+# "ReferenceError: underlying object has vanished" (a failed step), so it is compiled per process.
+@njit(fastmath=FASTMATH)
 def _decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out, read_page):
     # q [S, H, D] f32; k_cache, v_cache [N, B, Hkv, D] f32 or uint16 (float16 bits);
     # block_tables [S, max_blocks] int64; seq_lens [S] int64; out [S, H, D] f32 (written);

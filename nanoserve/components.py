@@ -26,8 +26,9 @@ from nanoserve.pyfile import load_file
 # seam -> name -> "module:attribute" (imported lazily) or a factory
 _REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
     "block_allocator": {"lru": "nanoserve.cache.block_pool:BlockPool"},
+    "prefix_cache": {"radix": "nanoserve.cache.radix:RadixCache", "hash": "nanoserve.cache.hash_cache:HashPrefixCache"},
     "kv_manager": {"paged": "nanoserve.cache.kv_cache_manager:KVCacheManager"},
-    "scheduler": {"fcfs": "nanoserve.scheduler:Scheduler"},
+    "scheduler": {"fcfs": "nanoserve.scheduler:Scheduler", "lpm": "nanoserve.scheduler:LongestPrefixMatchScheduler"},
     "sampler": {"default": "nanoserve.sampling:Sampler"},
 }
 

@@ -64,8 +64,15 @@ class EngineConfig:
         "lru", "block pool implementation: lru (reuse the longest-free block), or FILE.py:NAME"
     )
     kv_manager: str = setting("paged", "KV-cache manager implementation: paged (block tables), or FILE.py:NAME")
+    prefix_cache: str = setting(
+        "radix",
+        "reuse the KV blocks of earlier requests' prefixes: radix (a radix tree, SGLang-style), "
+        "hash (hash-chained blocks, vLLM-style), none, or FILE.py:NAME",
+    )
     scheduler: str = setting(
-        "fcfs", "scheduler implementation: fcfs (arrival order, token budget, chunked prefill), or FILE.py:NAME"
+        "fcfs",
+        "scheduler: fcfs (admit in arrival order), lpm (admit the longest cached prefix first, "
+        "never passing a request over more than 32 times), or FILE.py:NAME",
     )
     sampler: str = setting("default", "sampler implementation: default (seeded, per request), or FILE.py:NAME")
 

@@ -60,7 +60,10 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_memory * 2**30) // block_bytes)
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.backend, config.kv_cache_dtype)
         allocator = components.build("block_allocator", config.block_allocator, num_blocks)
-        self.kv = components.build("kv_manager", config.kv_manager, allocator, config.block_size)
+        prefix_cache = None
+        if config.prefix_cache != "none":
+            prefix_cache = components.build("prefix_cache", config.prefix_cache, allocator, config.block_size)
+        self.kv = components.build("kv_manager", config.kv_manager, allocator, config.block_size, prefix_cache)
         self.scheduler = components.build(
             "scheduler", config.scheduler, self.kv, config.max_num_batched_tokens, config.max_num_seqs
         )
@@ -74,6 +77,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.step_stats: deque[StepStats] = deque(maxlen=100_000)  # one record per step, oldest first
         self._num_steps = 0
+        self._cache_counts = (0, 0)  # prefix-cache (queried, hit) tokens as of the last step
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "errors": 0}
 
     # --- requests -----------------------------------------------------------------------
@@ -82,6 +86,7 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: a field may have been changed since construction
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
@@ -166,6 +171,9 @@ class LLMEngine:
         kv = self.kv.stats()
         queues = self.scheduler.stats()
         computed = sum(r.num_computed_tokens for r in self.requests.values())
+        cache = kv.prefix_cache
+        queried, hit = cache.num_query_tokens - self._cache_counts[0], cache.num_hit_tokens - self._cache_counts[1]
+        self._cache_counts = (cache.num_query_tokens, cache.num_hit_tokens)
         now = time.monotonic()
         self._num_steps += 1
         self.step_stats.append(
@@ -183,6 +191,9 @@ class LLMEngine:
                 kv_utilization=computed / (kv.num_used_blocks * kv.block_size) if kv.num_used_blocks else 0.0,
                 scheduled=tuple((r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)),
                 preempted=tuple(r.request_id for r in batch.preempted),
+                prefix_cache_queried_tokens=queried,
+                prefix_cache_hit_tokens=hit,
+                evictable_blocks=cache.num_evictable_blocks,
             )
         )
 
@@ -204,6 +215,7 @@ class LLMEngine:
             running=queues.running,
             waiting=queues.waiting,
             block_tables=kv.block_tables,
+            prefix_cache=kv.prefix_cache,
             last_step=last,
             **self._totals,
         )

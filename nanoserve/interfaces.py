@@ -3,7 +3,8 @@
     LLMEngine
       |-- Scheduler -------------- decides each step's work; owns every request's progress
       |     `-- KVManager -------- block tables: which blocks hold each request's tokens
-      |           `-- BlockAllocator   ref-counted block ids (+ an Evictor, e.g. a prefix cache)
+      |           |-- BlockAllocator   ref-counted block ids
+      |           `-- PrefixCache      cached blocks by their tokens (the allocator's Evictor), or none
       |-- ModelRunner ------------ one ragged forward pass (not swappable: it is the model)
       `-- Sampler ---------------- logits rows -> tokens, per request
 
@@ -13,7 +14,8 @@ missing). The engine builds the parts by constructor injection, each from the pa
 it, from the names in :class:`nanoserve.config.EngineConfig`:
 
     allocator = BlockAllocator(num_blocks)
-    kv        = KVManager(allocator, block_size)
+    cache     = PrefixCache(allocator, block_size)          (unless prefix_cache="none")
+    kv        = KVManager(allocator, block_size, cache)
     scheduler = Scheduler(kv, max_num_batched_tokens, max_num_seqs)
     sampler   = Sampler(kernels)
 
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from nanoserve.stats import KVCacheStats, SchedulerStats
+from nanoserve.stats import KVCacheStats, PrefixCacheStats, SchedulerStats
 
 if TYPE_CHECKING:  # annotations only: request.py and sampling.py import nothing from here
     from nanoserve.request import Request
@@ -36,10 +38,14 @@ if TYPE_CHECKING:  # annotations only: request.py and sampling.py import nothing
 
 
 class Evictor(Protocol):
-    """Something that holds blocks it could give back on demand (a prefix cache).
+    """A prefix cache, as the block pool sees it. Two designs fit:
 
-    It holds a reference to each block it keeps (``BlockAllocator.share``), so those blocks
-    are not free; ``evict`` drops some of them (``BlockAllocator.free``) and says how many.
+    * it holds a reference to each block it keeps (``BlockAllocator.share``), so those
+      blocks are not free; ``evict`` drops some of them (``BlockAllocator.free``) and says
+      how many (the radix tree);
+    * it holds no reference and indexes free blocks, which stay valid on the free list until
+      the pool hands them out again: ``forget`` is called then (the hash cache's lazy
+      eviction).
     """
 
     @property
@@ -51,6 +57,10 @@ class Evictor(Protocol):
         """Free up to ``num_blocks`` blocks back to the allocator; returns how many it freed."""
         ...
 
+    def forget(self, block: int) -> None:
+        """The pool is handing out ``block``, which was free: it no longer holds cached K/V."""
+        ...
+
 
 class BlockAllocator(Protocol):
     """A fixed set of ``num_blocks`` KV blocks, handed out by id and reference-counted.
@@ -58,7 +68,8 @@ class BlockAllocator(Protocol):
     Contract:
       * ``allocate(n)`` returns ``n`` distinct blocks, each now with refcount 1, or raises
         ``NoFreeBlocksError`` and changes nothing. When fewer than ``n`` are free it first asks
-        its evictor (if one is set) to free the difference.
+        its evictor (if one is set) to free the difference, and it tells the evictor
+        (``forget``) of every free block it hands out.
       * ``share(b)`` adds a holder to block ``b`` (taking it off the free list if it was free).
       * ``free(blocks)`` drops one holder of each; a block whose refcount reaches 0 is free.
         Freeing a free block is an error.
@@ -98,6 +109,42 @@ class ComputedPrefix:
 
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # a multiple of the block size, always < the request's num_tokens
+    handle: Any = None  # what the prefix cache locks for the request (a radix node)
+
+
+class PrefixCache(Evictor, Protocol):
+    """Reusable K/V blocks, found by the tokens they hold (radix tree or hash chain).
+
+    Contract:
+      * ``match_prefix(tokens)`` returns the cached blocks of the longest cached prefix of
+        ``tokens`` in whole blocks, never covering the last token (so one is always computed).
+      * ``insert(tokens, blocks)`` caches the full blocks of ``tokens``, whose K/V
+        ``blocks[i]`` holds; blocks already cached for the same prefix stay as they are.
+        Returns a handle to ``lock``.
+      * ``lock(handle)``: a running request uses the blocks up to ``handle``; they are not
+        evicted until ``unlock(handle)``.
+      * As an :class:`Evictor` it gives back cached blocks nobody uses when the pool runs short.
+    """
+
+    block_size: int
+    holds_references: bool  # True: it holds a reference to each cached block (radix); False: it
+    # indexes blocks that wait, free, on the pool's free list (hash)
+
+    def match_prefix(self, tokens: list[int]) -> ComputedPrefix: ...
+
+    def insert(self, tokens: list[int], blocks: list[int]) -> Any: ...
+
+    def lock(self, handle: Any) -> None: ...
+
+    def unlock(self, handle: Any) -> None: ...
+
+    def cached_blocks(self) -> dict[int, bool]:
+        """Every cached block -> whether a lock protects it now."""
+        ...
+
+    def stats(self) -> PrefixCacheStats: ...
+
+    def check_invariants(self) -> None: ...
 
 
 class KVManager(Protocol):
@@ -114,7 +161,12 @@ class KVManager(Protocol):
         tokens (taking ``prefix``'s blocks first when given), or returns False and changes
         nothing. Lookahead slots are for tokens a step may try and then roll back
         (speculative drafts).
-      * ``free(request)`` gives up the request's blocks (a prefix cache may keep them).
+      * ``cache_blocks(request)`` runs after each step that computed tokens of the request:
+        a prefix cache may index its full computed blocks (nanoserve does once the prompt is
+        computed).
+      * ``free(request)`` gives up the request's blocks; a prefix cache first indexes the full
+        blocks of its computed tokens, so a later turn, or the request itself after a
+        preemption, finds them.
       * Only a table's last block may be partly empty.
     """
 
@@ -130,6 +182,8 @@ class KVManager(Protocol):
         num_lookahead_tokens: int = 0,
         prefix: ComputedPrefix | None = None,
     ) -> bool: ...
+
+    def cache_blocks(self, request: Request) -> None: ...
 
     def free(self, request: Request) -> None: ...
 
@@ -231,6 +285,7 @@ class Sampler(Protocol):
 
 INTERFACES: dict[str, Any] = {
     "block_allocator": BlockAllocator,
+    "prefix_cache": PrefixCache,
     "kv_manager": KVManager,
     "scheduler": Scheduler,
     "sampler": Sampler,

@@ -33,6 +33,7 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[SampleResult] = field(default_factory=list)  # all, if requested
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -98,6 +99,7 @@ def make_output(request: Request, text: str, delta: str, new_token_ids: list[int
         error=request.error,
         logprobs=list(request.output_logprobs),
         num_preemptions=request.num_preemptions,
+        num_cached_tokens=request.num_cached_tokens,
         arrival_time=request.arrival_time,
         first_token_time=request.first_token_time,
         finish_time=request.finish_time,

@@ -53,6 +53,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[SampleResult] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None

@@ -47,6 +47,12 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # applied in order, first
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise) every field; the engine calls it again when a request is added,
+        so a field changed after construction is checked too."""
+
         def fail(name: str, value: Any, rule: str) -> None:
             raise InvalidSamplingParams(f"invalid {name}={value!r}: {rule}")
 
@@ -87,6 +93,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             fail("stop_token_ids", self.stop_token_ids, "must be a list of token ids")
         self.stop_token_ids = [integer("stop_token_ids", t) for t in self.stop_token_ids]
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            fail("ignore_eos", self.ignore_eos, "must be true or false")
+        self.ignore_eos = bool(self.ignore_eos)
         if self.logprobs is not None:
             self.logprobs = integer("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= 20:

@@ -12,7 +12,9 @@ Every step the scheduler decides how many tokens of each live request to compute
      it recomputes prompt + outputs and continues exactly where it was (preemption by
      recompute). Nothing is lost.
   3. Waiting requests are admitted in order while budget, ``max_num_seqs`` and blocks
-     last (none are admitted in a step that had to preempt).
+     last (none are admitted in a step that had to preempt). A request whose first tokens
+     are in the prefix cache starts with them computed. ``fcfs`` admits in arrival order;
+     ``lpm`` (:class:`LongestPrefixMatchScheduler`) admits the longest cached prefix first.
 
 After the forward pass, ``update_from_output`` is the one place where a step's results
 enter the requests: computed tokens advance, sampled tokens are appended, stop conditions
@@ -25,6 +27,7 @@ It implements :class:`nanoserve.interfaces.Scheduler` (registered as ``"fcfs"``)
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
@@ -33,7 +36,7 @@ from nanoserve.request import Request, RequestStatus, stop_reason
 from nanoserve.sampling import SampleResult
 from nanoserve.stats import SchedulerStats
 
-__all__ = ["ScheduledBatch", "Scheduler"]
+__all__ = ["LongestPrefixMatchScheduler", "ScheduledBatch", "Scheduler"]
 
 
 class Scheduler:
@@ -71,6 +74,8 @@ class Scheduler:
                 self._add_to_batch(batch, request, n)
                 budget -= n
                 i += 1
+        if self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            self._order_waiting()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             request = self.waiting[0]
             prefix = self.kv.get_computed_prefix(request)
@@ -78,12 +83,21 @@ class Scheduler:
             if not self.kv.allocate_slots(request, prefix.num_tokens + n, prefix=prefix):
                 break
             request.num_computed_tokens += prefix.num_tokens
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = prefix.num_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_to_batch(batch, request, n)
+            self._admitted(request)
             budget -= n
         return batch
+
+    def _order_waiting(self) -> None:
+        """Put the waiting queue in admission order (here: as it is, arrivals in order)."""
+
+    def _admitted(self, request: Request) -> None:
+        """``request`` has just left the waiting queue for the running batch."""
 
     @staticmethod
     def _add_to_batch(batch: ScheduledBatch, request: Request, n: int) -> None:
@@ -108,6 +122,7 @@ class Scheduler:
         updates: list[tuple[Request, list[int]]] = []
         for request, n, results in zip(batch.requests, batch.num_new_tokens, sampled):
             request.num_computed_tokens += n
+            self.kv.cache_blocks(request)
             new: list[int] = []
             reason = None
             for result in results:
@@ -162,3 +177,43 @@ class Scheduler:
             assert r.status == RequestStatus.RUNNING, f"{r.request_id} runs with status {r.status}"
             held = len(self.kv.block_table(r.request_id)) * self.kv.block_size
             assert held >= r.num_computed_tokens, f"{r.request_id} computed more than it holds"
+
+
+class LongestPrefixMatchScheduler(Scheduler):
+    """Cache-aware admission (SGLang's ``lpm``): the waiting request with the most cached tokens first.
+
+    Requests that share a prefix then run while it is cached, instead of one of them evicting
+    it. Nothing starves: a request that later arrivals have overtaken ``MAX_PASSED_OVER``
+    times goes first, like a preempted one. Ties keep arrival order.
+    """
+
+    MAX_PASSED_OVER = 32
+
+    def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        super().__init__(kv, max_num_batched_tokens, max_num_seqs)
+        self._arrivals = itertools.count()
+        self.arrival: dict[str, int] = {}  # request id -> arrival number
+        self.passed_over: dict[str, int] = {}  # request id -> later arrivals admitted before it
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        self.arrival[request.request_id] = next(self._arrivals)
+        self.passed_over[request.request_id] = 0
+
+    def _order_waiting(self) -> None:
+        def key(request: Request) -> tuple[bool, int, int]:
+            rid = request.request_id
+            first = request.num_preemptions > 0 or self.passed_over[rid] >= self.MAX_PASSED_OVER
+            return (not first, -self.kv.get_computed_prefix(request).num_tokens, self.arrival[rid])
+
+        self.waiting = deque(sorted(self.waiting, key=key))
+
+    def _admitted(self, request: Request) -> None:
+        for other in self.waiting:
+            if self.arrival[other.request_id] < self.arrival[request.request_id]:
+                self.passed_over[other.request_id] += 1
+
+    def finish_request(self, request: Request, reason: str) -> None:
+        super().finish_request(request, reason)
+        self.arrival.pop(request.request_id, None)
+        self.passed_over.pop(request.request_id, None)

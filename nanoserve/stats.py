@@ -31,6 +31,9 @@ class StepStats:
     kv_utilization: float  # slots holding computed tokens / slots in allocated blocks (0 when none)
     scheduled: tuple[tuple[str, int], ...] = ()  # (request id, tokens computed) in batch order
     preempted: tuple[str, ...] = ()  # request ids preempted in this step
+    prefix_cache_queried_tokens: int = 0  # tokens of the requests admitted in this step
+    prefix_cache_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
+    evictable_blocks: int = 0  # cached blocks no running request holds, after the step
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,30 @@ class SchedulerStats:
 
 
 @dataclass(frozen=True)
+class PrefixCacheStats:
+    """A prefix cache's contents and lifetime counters (tokens, blocks)."""
+
+    num_cached_blocks: int = 0  # blocks the cache indexes now
+    num_evictable_blocks: int = 0  # of those, held by no running request
+    num_evicted_blocks: int = 0  # since start
+    num_query_tokens: int = 0  # tokens of admitted requests looked up, since start
+    num_hit_tokens: int = 0  # of those, found cached
+
+
+@dataclass(frozen=True)
 class KVCacheStats:
-    """The block pool's occupancy, and every live request's block table."""
+    """The block pool's occupancy, and every live request's block table.
+
+    A cached block that no request holds counts as free: allocation takes it when it must
+    (``prefix_cache.num_evictable_blocks`` says how many of the free ones are such).
+    """
 
     num_blocks: int = 0
     block_size: int = 0
-    num_free_blocks: int = 0
-    num_used_blocks: int = 0
+    num_free_blocks: int = 0  # allocatable now: free, or cached and evictable
+    num_used_blocks: int = 0  # held by running requests (or locked for them)
     block_tables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # request id -> block ids
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,7 @@ class EngineStats:
     running: tuple[str, ...] = ()  # request ids, batch order
     waiting: tuple[str, ...] = ()  # request ids, queue order
     block_tables: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     last_step: StepStats | None = None
 
     @property

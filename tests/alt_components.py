@@ -4,7 +4,7 @@ Each one differs on purpose from nanoserve's own, in a way that must not change 
 
     StackBlockPool              written from scratch (no nanoserve base class): the free list is a
                                 stack, so the most recently freed block is reused first
-    OneBlockAtATimeKVManager    asks the allocator for one block per call, frees in table order
+    OneBlockAtATimeKVManager    asks the allocator for one block per call
     ShortestPromptFirstScheduler  admits waiting requests shortest prompt first
     ReferenceKernelSampler      samples with the NumPy reference kernels, whatever the backend
 
@@ -56,6 +56,8 @@ class StackBlockPool:
         blocks = [self.stack.pop() for _ in range(n)]
         for block in blocks:
             self.refcount[block] = 1
+            if self.evictor is not None:
+                self.evictor.forget(block)
         return blocks
 
     def share(self, block: int) -> None:
@@ -79,11 +81,14 @@ class StackBlockPool:
 
 
 class OneBlockAtATimeKVManager(KVCacheManager):
-    """Block tables grown one ``allocate(1)`` call at a time; blocks freed oldest first."""
+    """Block tables grown one ``allocate(1)`` call at a time (an admission with a cached prefix
+    still goes through the parent, which locks and shares the prefix)."""
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, num_lookahead_tokens: int = 0, prefix: ComputedPrefix | None = None
     ) -> bool:
+        if prefix is not None:
+            return super().allocate_slots(request, num_new_tokens, num_lookahead_tokens, prefix)
         table = self.block_tables.get(request.request_id, [])
         total = request.num_computed_tokens + num_new_tokens + num_lookahead_tokens
         missing = self.blocks_needed(total) - len(table)
@@ -92,9 +97,6 @@ class OneBlockAtATimeKVManager(KVCacheManager):
         for _ in range(max(0, missing)):
             self.block_tables.setdefault(request.request_id, []).extend(self.allocator.allocate(1))
         return True
-
-    def free(self, request: Request) -> None:
-        self.allocator.free(self.block_tables.pop(request.request_id, []))
 
 
 class ShortestPromptFirstScheduler(Scheduler):

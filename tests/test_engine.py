@@ -45,6 +45,8 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, o
                 final[out.request_id] = out
         engine.check_invariants()
     assert not engine.has_unfinished_requests(), "the engine did not drain"
+    idle = engine.stats()
+    assert idle.num_used_blocks == 0 and not idle.block_tables, "idle: every block free or evictable, none protected"
     return final
 
 

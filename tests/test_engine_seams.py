@@ -138,6 +138,9 @@ class HoldingCache:
         self.pool.free(gone)
         return len(gone)
 
+    def forget(self, block: int) -> None:
+        assert block not in self.held, "the pool handed out a block the cache still holds"
+
 
 def test_allocation_evicts_from_the_evictor_only_when_the_free_list_runs_short():
     pool = BlockPool(6)

@@ -42,3 +42,7 @@ def test_notebook_01_prompt_to_next_token_runs_without_errors(monkeypatch: pytes
 
 def test_notebook_03_continuous_batching_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert execute_notebook("03_continuous_batching.ipynb", monkeypatch) == []
+
+
+def test_notebook_05_prefix_cache_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert execute_notebook("05_prefix_cache.ipynb", monkeypatch) == []

@@ -68,6 +68,8 @@ class BlockPool:
         for _ in range(n):
             block, _ = self.free_blocks.popitem(last=False)
             self.refcount[block] = 1
+            if self.evictor is not None:
+                self.evictor.forget(block)  # whatever K/V it cached is about to be overwritten
             blocks.append(block)
         return blocks
 

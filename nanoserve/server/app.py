@@ -97,6 +97,16 @@ class Job:
     def num_prompt_tokens(self) -> int:
         return sum(map(len, self.prompts))
 
+    def num_cached_tokens(self, cached: dict[int, int]) -> int:
+        """Prompt tokens served from the prefix cache, counted once per prompt like ``num_prompt_tokens``.
+
+        ``cached`` maps a choice index to its ``RequestOutput.num_cached_tokens``. A prompt's
+        count is the least over its choices: the tokens that none of them computed.
+        """
+        return sum(
+            min(cached.get(p * self.n + i, 0) for i in range(self.n)) for p in range(len(self.prompts))
+        )
+
     def prompt_text(self, choice: int) -> str:
         """The text of the prompt that choice ``choice`` continues."""
         return self.prompt_texts[choice // self.n]
@@ -523,13 +533,14 @@ def _response(shape: ChatShape | CompletionShape, finals: dict[str, RequestOutpu
     choices = [shape.choice(job.choice_of[request_id], out) for request_id, out in finals.items()]
     choices.sort(key=lambda c: c["index"])
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    cached = {job.choice_of[request_id]: out.num_cached_tokens for request_id, out in finals.items()}
     return {
         "id": job.id,
         "object": shape.object_name,
         "created": job.created,
         "model": job.model,
         "choices": choices,
-        "usage": proto.usage(job.num_prompt_tokens, completion_tokens),
+        "usage": proto.usage(job.num_prompt_tokens, completion_tokens, job.num_cached_tokens(cached)),
     }
 
 
@@ -547,6 +558,7 @@ async def _events(shape: ChatShape | CompletionShape) -> AsyncIterator[str]:
         yield _sse({**base, "choices": [choice], **usage})
     logprobs_sent = [0] * job.num_choices
     completion_tokens = 0
+    cached: dict[int, int] = {}  # choice index -> prompt tokens served from the prefix cache
     async for index, out in _stream_outputs(job):
         if isinstance(out, APIError):
             yield _sse(out.body())
@@ -558,8 +570,10 @@ async def _events(shape: ChatShape | CompletionShape) -> AsyncIterator[str]:
             logprobs_sent[index] = len(out.logprobs)
         if out.finished:
             completion_tokens += len(out.token_ids)
+            cached[index] = out.num_cached_tokens
         if out.finished or out.delta or new_logprobs:
             yield _sse({**base, "choices": [shape.chunk_choice(index, out, new_logprobs)], **usage})
     if req.include_usage:
-        yield _sse({**base, "choices": [], "usage": proto.usage(job.num_prompt_tokens, completion_tokens)})
+        totals = proto.usage(job.num_prompt_tokens, completion_tokens, job.num_cached_tokens(cached))
+        yield _sse({**base, "choices": [], "usage": totals})
     yield _sse("[DONE]")

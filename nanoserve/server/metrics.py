@@ -4,7 +4,7 @@ Two sources, both safe to read from the HTTP thread:
 
 * gauges and counters read from :attr:`AsyncEngine.stats`, the engine's
   :class:`~nanoserve.stats.EngineStats` that the engine thread publishes after every step
-  (requests running/waiting, KV blocks, tokens, preemptions);
+  (requests running/waiting, KV blocks, tokens, preemptions, the prefix cache);
 * latency histograms fed on the engine thread by a step observer: time to first token
   (arrival -> first token), inter-token latency (gap between a request's consecutive
   tokens) and end-to-end latency (arrival -> finish).
@@ -35,13 +35,25 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         s = self.async_engine.stats
+        cache = s.prefix_cache
         gauges = {
             "nanoserve_num_requests_running": ("Requests in the running batch.", s.num_running),
             "nanoserve_num_requests_waiting": ("Requests queued, waiting to be scheduled.", s.num_waiting),
             "nanoserve_kv_blocks_total": ("KV-cache blocks in the pool.", s.num_blocks),
-            "nanoserve_kv_blocks_used": ("KV-cache blocks held by requests.", s.num_used_blocks),
-            "nanoserve_kv_blocks_free": ("KV-cache blocks on the free list.", s.num_free_blocks),
+            "nanoserve_kv_blocks_used": ("KV-cache blocks held by running requests.", s.num_used_blocks),
+            "nanoserve_kv_blocks_free": (
+                "KV-cache blocks allocatable now: free, or cached and evictable.",
+                s.num_free_blocks,
+            ),
             "nanoserve_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use.", s.kv_cache_usage),
+            "nanoserve_prefix_cache_cached_blocks": (
+                "KV blocks the prefix cache holds.",
+                cache.num_cached_blocks,
+            ),
+            "nanoserve_prefix_cache_evictable_blocks": (
+                "Prefix-cached KV blocks no running request holds (counted in kv_blocks_free).",
+                cache.num_evictable_blocks,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -54,6 +66,18 @@ class _EngineCollector:
             ),
             "nanoserve_engine_steps": ("Engine steps run.", s.num_steps),
             "nanoserve_requests_aborted": ("Requests aborted (client gone, shutdown).", s.aborted),
+            "nanoserve_prefix_cache_queries": (
+                "Tokens of admitted requests looked up in the prefix cache.",
+                cache.num_query_tokens,
+            ),
+            "nanoserve_prefix_cache_hits": (
+                "Tokens of admitted requests found in the prefix cache (not computed).",
+                cache.num_hit_tokens,
+            ),
+            "nanoserve_prefix_cache_evictions": (
+                "KV blocks evicted from the prefix cache.",
+                cache.num_evicted_blocks,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

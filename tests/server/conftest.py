@@ -55,12 +55,17 @@ class RunningServer:
         return values
 
     def wait_until_idle(self, timeout: float = 20.0) -> dict[str, float]:
-        """Poll /metrics until nothing runs, nothing waits and every KV block is free."""
+        """Poll /metrics until nothing runs, nothing waits and every KV block is free or evictable.
+
+        No block may be protected: none held by a request, and every prefix-cached block
+        evictable (no lock left behind).
+        """
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
             idle = m["nanoserve_num_requests_running"] == 0 and m["nanoserve_num_requests_waiting"] == 0
-            if idle and m["nanoserve_kv_blocks_used"] == 0:
+            cache = m["nanoserve_prefix_cache_cached_blocks"], m["nanoserve_prefix_cache_evictable_blocks"]
+            if idle and m["nanoserve_kv_blocks_used"] == 0 and cache[0] == cache[1]:
                 return m
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not idle after {timeout} s: {m}")
@@ -105,6 +110,12 @@ def idle_server(tiny_server: RunningServer) -> RunningServer:
 
 def chat(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
+
+
+def token_counts(usage: Any) -> tuple[int, int, int]:
+    """``(prompt, completion, total)`` tokens of an openai ``usage``: what two runs of one request share
+    (the second may find more of its prompt in the prefix cache)."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
 
 
 def assert_error_shape(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
