@@ -47,13 +47,18 @@ the q_len * seq_len dot products, and BLAS does those faster than a compiled loo
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit
 
 import kernels_ref
 from kernels_cpu.pointwise import FASTMATH
-from kernels_ref.attention import gather_pages
+from kernels_ref.attention import check_paged_metadata, check_slot_mapping, gather_pages
+
+# The compiled loops do not check their indices: inconsistent metadata would read or write
+# outside the pool. NANOSERVE_CHECK_BOUNDS=1 checks it first, as the reference always does.
+CHECK_BOUNDS = os.environ.get("NANOSERVE_CHECK_BOUNDS", "") == "1"
 
 
 # Not cached on disk: its signature holds the ``read_page`` function, and Numba's cache key for
@@ -138,6 +143,8 @@ def paged_attention(
     scale: float,
 ) -> np.ndarray:  # -> [T, H, D]
     """Varlen causal attention over pages; the contract of kernels_ref.paged_attention."""
+    if CHECK_BOUNDS:
+        check_paged_metadata(k_cache, block_tables, query_start_loc, seq_lens)
     out = np.zeros(q.shape, dtype=q.dtype)
     query_start_loc = np.asarray(query_start_loc, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
@@ -187,6 +194,8 @@ def store_kv(
     slot_mapping: np.ndarray,  # [T] int; -1 = skip this token
 ) -> None:
     """Write each token's key and value into its slot; the contract of kernels_ref.store_kv."""
+    if CHECK_BOUNDS:
+        check_slot_mapping(k_cache, slot_mapping)
     if k_cache.dtype != np.float32:  # a float16 cache: NumPy's scatter converts on write
         kernels_ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
         return

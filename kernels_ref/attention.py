@@ -15,7 +15,10 @@ Paged KV layout (one pair of arrays per layer)::
     block_tables[s] = [3, 0, 4, ...]  (token 0 lives in b3, token B in b0, ...)
 
 Entries of a block table past a sequence's last block are never read; they may hold
-anything (including out-of-range ids).
+anything (including out-of-range ids). Everything that *is* read or written must be in the
+pool: ``check_slot_mapping`` and ``check_paged_metadata`` say so with a clear error, and the
+reference kernels always call them (compiled backends do when ``NANOSERVE_CHECK_BOUNDS=1``,
+since a compiled kernel does not check its indices and would write outside the pool).
 
 GQA: query head h reads key/value head ``h // (H // Hkv)``.
 """
@@ -48,6 +51,36 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.n
     return out.transpose(2, 0, 1, 3).reshape(num_q, num_heads, head_dim)
 
 
+def check_slot_mapping(k_cache: np.ndarray, slot_mapping: np.ndarray) -> None:  # [N, B, Hkv, D], [T]
+    """Raise ValueError unless every slot is -1 (skip) or inside the pool's N * B slots."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    slots = np.asarray(slot_mapping)
+    bad = slots[(slots < -1) | (slots >= num_slots)]
+    if bad.size:
+        raise ValueError(f"slot_mapping holds {bad[:3].tolist()}: slots must be -1 or in [0, {num_slots})")
+
+
+def check_paged_metadata(
+    k_cache: np.ndarray,  # [N, B, Hkv, D]
+    block_tables: np.ndarray,  # [S, max_blocks]
+    query_start_loc: np.ndarray,  # [S + 1]
+    seq_lens: np.ndarray,  # [S]
+) -> None:
+    """Raise ValueError unless the blocks each sequence reads are in the pool and its queries fit."""
+    num_blocks, block_size = k_cache.shape[:2]
+    seq_lens = np.asarray(seq_lens)
+    q_lens = np.diff(np.asarray(query_start_loc))
+    if len(q_lens) != len(seq_lens) or (q_lens < 0).any() or (q_lens > seq_lens).any():
+        raise ValueError(f"query lengths {q_lens.tolist()[:8]} must be >= 0 and <= seq_lens {seq_lens.tolist()[:8]}")
+    used = -(-seq_lens // block_size)  # [S] blocks each sequence reads
+    if (used > block_tables.shape[1]).any():
+        raise ValueError(f"a seq_len needs more than the block table's {block_tables.shape[1]} blocks")
+    read = np.arange(block_tables.shape[1])[None, :] < used[:, None]  # [S, max_blocks]
+    bad = block_tables[read & ((block_tables < 0) | (block_tables >= num_blocks))]
+    if bad.size:
+        raise ValueError(f"block tables read blocks {bad[:3].tolist()}: ids must be in [0, {num_blocks})")
+
+
 def store_kv(
     k: np.ndarray,  # [T, Hkv, D]
     v: np.ndarray,  # [T, Hkv, D]
@@ -60,6 +93,7 @@ def store_kv(
     ``k_cache.reshape(N * B, Hkv, D)[slot_mapping[t]] = k[t]`` for every t whose slot is
     >= 0 (a negative slot marks a padding token that must not be stored).
     """
+    check_slot_mapping(k_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     num_blocks, block_size = k_cache.shape[:2]
@@ -87,6 +121,7 @@ def paged_attention(
     ``attention(q_s, K_s, V_s, scale)`` where K_s, V_s are the sequence's first seq_len
     keys/values gathered through its block table.
     """
+    check_paged_metadata(k_cache, block_tables, query_start_loc, seq_lens)
     out = np.zeros_like(q)
     q_lens = np.diff(np.asarray(query_start_loc))
     decodes = np.nonzero(q_lens == 1)[0]
