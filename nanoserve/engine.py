@@ -31,7 +31,7 @@ import numpy as np
 from nanoserve import components
 from nanoserve.cache.paged import PagedKVCache, bytes_per_block
 from nanoserve.config import EngineConfig
-from nanoserve.errors import CapacityError, PromptTooLongError, RequestError
+from nanoserve.errors import CapacityError, ContextLengthExceededError, PromptTooLongError, RequestError
 from nanoserve.interfaces import ScheduledBatch
 from nanoserve.kernels import Backend, get_backend
 from nanoserve.model.llama import LlamaModel
@@ -103,7 +103,13 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                 f"(prompt + at least 1 new token); shorten the prompt"
             )
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} max_tokens): "
+                f"lower max_tokens to at most {self.max_model_len - len(ids)}"
+            )
+        max_tokens = params.max_tokens
         if len(ids) + max_tokens > self.num_kv_slots:
             raise CapacityError(
                 f"prompt ({len(ids)}) + max_tokens ({max_tokens}) tokens exceed the whole KV pool "

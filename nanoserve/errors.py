@@ -39,6 +39,10 @@ class PromptTooLongError(RequestError):
     """The prompt (plus at least one new token) does not fit the model's context."""
 
 
+class ContextLengthExceededError(RequestError):
+    """The prompt plus ``max_tokens`` is longer than the model's context."""
+
+
 class CapacityError(RequestError):
     """The request can never fit in the KV-cache pool, however long it waits."""
 

@@ -44,7 +44,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int  # params.max_tokens, clipped to the context that is left
+    max_tokens: int  # params.max_tokens (prompt + max_tokens fit the context: checked on add)
     generator: np.random.Generator
     eos_token_ids: frozenset[int] = frozenset()  # end the request unless params.ignore_eos
     text: StopStringMatcher | None = None  # its text, fed each new token by stop_reason
@@ -85,7 +85,7 @@ def stop_reason(request: Request, token_id: int) -> str | None:
 
     1. an EOS token (unless ``ignore_eos``) or one of ``stop_token_ids``  -> "stop"
     2. a stop string has appeared in the text                              -> "stop"
-    3. ``max_tokens`` outputs (already clipped to the context)             -> "length"
+    3. ``max_tokens`` outputs (prompt + max_tokens fit the context)       -> "length"
     """
     params = request.params
     if (token_id in request.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:

@@ -81,3 +81,14 @@ def test_sampling_params_type_check_booleans_and_are_checked_again_when_added(ti
     with pytest.raises(InvalidSamplingParams, match="invalid temperature=nan"):
         engine.add_request([5, 6], params)
     engine.check_invariants()
+
+
+def test_max_tokens_past_the_context_is_an_error_that_names_the_limit(tiny_loaded):
+    engine = make_engine(tiny_loaded, max_model_len=64)
+    with pytest.raises(RequestError, match=r"maximum context length is 64 tokens; you requested 110 \(10 in the prompt, 100 max_tokens\)"):
+        engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=100))
+    rid = engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=54, ignore_eos=True))  # exactly fits
+    engine.check_invariants()
+    from tests.test_engine import run_to_completion
+
+    assert len(run_to_completion(engine)[rid].token_ids) == 54

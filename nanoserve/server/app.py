@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from nanoserve.engine import LLMEngine
 from nanoserve.errors import (
     CapacityError,
+    ContextLengthExceededError,
     EngineOverloadedError,
     InvalidSamplingParams,
     NanoserveError,
@@ -196,7 +197,7 @@ def _engine_error(state: ServerState, exc: Exception, prompt_param: str) -> APIE
         return _unavailable(str(exc))
     if isinstance(exc, PromptTooLongError):
         return bad_request(str(exc), param=prompt_param, code="context_length_exceeded")
-    if isinstance(exc, CapacityError):
+    if isinstance(exc, (CapacityError, ContextLengthExceededError)):
         return bad_request(str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, InvalidSamplingParams):
         name = str(exc).removeprefix("invalid ").split("=", 1)[0]

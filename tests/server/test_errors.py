@@ -87,6 +87,15 @@ def test_unknown_model_is_404(tiny_server: RunningServer) -> None:
     assert_error_shape(httpx.get(tiny_server.url + "/v1/models/gpt-17"), 404)
 
 
+def test_max_tokens_past_the_context_is_400_naming_the_limit(tiny_server: RunningServer) -> None:
+    limit = tiny_server.async_engine.max_model_len
+    body = {"prompt": [10, 11, 12], "max_tokens": 100_000}
+    error = assert_error_shape(post(tiny_server, COMPLETIONS, body), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded"
+    assert f"maximum context length is {limit} tokens; you requested 100003" in error["message"]
+    tiny_server.check_invariants()
+
+
 def test_prompt_longer_than_the_context_is_400_with_the_limits(tiny_server: RunningServer) -> None:
     prompt = [10 + i % 200 for i in range(600)]
     error = assert_error_shape(post(tiny_server, COMPLETIONS, {"prompt": prompt}), 400, "prompt")
