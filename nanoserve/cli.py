@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -61,6 +62,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.file:
+        if not os.path.isfile(args.file):
+            raise NanoserveError(f"--file {args.file}: no such file")
         with open(args.file, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 line = line.rstrip("\n")

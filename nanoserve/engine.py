@@ -22,6 +22,7 @@ or "error" (if a step fails, its requests end with the error and the engine carr
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 from typing import Any
@@ -31,7 +32,13 @@ import numpy as np
 from nanoserve import components
 from nanoserve.cache.paged import PagedKVCache, bytes_per_block
 from nanoserve.config import EngineConfig
-from nanoserve.errors import CapacityError, ContextLengthExceededError, PromptTooLongError, RequestError
+from nanoserve.errors import (
+    CapacityError,
+    ConfigError,
+    ContextLengthExceededError,
+    PromptTooLongError,
+    RequestError,
+)
 from nanoserve.interfaces import ScheduledBatch
 from nanoserve.kernels import Backend, get_backend
 from nanoserve.model.llama import LlamaModel
@@ -46,9 +53,51 @@ from nanoserve.tokenizer import Tokenizer
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
 
 
+def check_config(config: EngineConfig) -> None:
+    """Raise ConfigError naming the first setting that is out of range (checked before loading)."""
+    at_least_one = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+    for name in at_least_one + ("num_blocks", "max_model_len"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if config.num_blocks is None and not config.kv_cache_memory > 0:
+        raise ConfigError(f"kv_cache_memory must be > 0 GiB, got {config.kv_cache_memory!r}")
+
+
+def check_pool_size(num_blocks: int, block_bytes: int, config: EngineConfig) -> None:
+    """Raise ConfigError if the KV pool holds no block, or needs more memory than is available."""
+    if num_blocks < 1:
+        raise ConfigError(
+            f"kv_cache_memory={config.kv_cache_memory} GiB holds no KV block ({block_bytes / 2**20:.2f} MiB each); "
+            f"give at least {block_bytes / 2**30:.4f}"
+        )
+    available = _available_memory()
+    if available is not None and num_blocks * block_bytes > available:
+        raise ConfigError(
+            f"the KV pool needs {num_blocks * block_bytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB "
+            "of memory is available; lower --kv-cache-memory or --num-blocks"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable, else all physical memory), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None, **kwargs: Any) -> None:
         config = config or EngineConfig(**kwargs)
+        check_config(config)  # before the model loads: a bad flag fails in a moment
         self.config = config
         loaded = loaded or load_checkpoint(config.model, config.weights)
         self.model_name = loaded.name
@@ -56,8 +105,14 @@ class LLMEngine:
         self.backend: Backend = get_backend(config.backend)
         self.model = LlamaModel(loaded.config, loaded.weights, self.backend)
         mc = loaded.config
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={config.max_model_len} is longer than the model's context "
+                f"({mc.max_position_embeddings} tokens); give at most {mc.max_position_embeddings}"
+            )
         block_bytes = bytes_per_block(mc, config.block_size, config.kv_cache_dtype)
-        num_blocks = config.num_blocks or max(1, int(config.kv_cache_memory * 2**30) // block_bytes)
+        num_blocks = config.num_blocks or int(config.kv_cache_memory * 2**30) // block_bytes
+        check_pool_size(num_blocks, block_bytes, config)
         self.cache = PagedKVCache(mc, num_blocks, config.block_size, self.backend, config.kv_cache_dtype)
         allocator = components.build("block_allocator", config.block_allocator, num_blocks)
         prefix_cache = None

@@ -22,6 +22,10 @@ class BackendError(NanoserveError):
     """A kernel backend cannot be found, imported or used."""
 
 
+class ConfigError(NanoserveError, ValueError):
+    """An engine setting is out of range or cannot work on this machine; says which and why."""
+
+
 class ComponentError(NanoserveError):
     """An engine part (block allocator, KV manager, scheduler, sampler) cannot be found,
     built, or does not implement its interface."""

@@ -182,3 +182,23 @@ def test_chat_repl_answers_keeps_history_and_exits_on_command(tiny_model_dir: st
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"> {first}\n> {second}\n> "
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--max-num-seqs", "0"], ["max_num_seqs must be an integer >= 1, got 0"]),
+        (["--block-size", "0"], ["block_size must be an integer >= 1"]),
+        (["--max-num-batched-tokens", "-3"], ["max_num_batched_tokens must be an integer >= 1"]),
+        (["--kv-cache-memory", "0"], ["kv_cache_memory must be > 0 GiB"]),
+        (["--kv-cache-memory", "-1"], ["kv_cache_memory must be > 0 GiB"]),
+        (["--kv-cache-memory", "100000"], ["the KV pool needs", "GiB of memory is available"]),
+        (["--kv-cache-memory", "1e-9"], ["holds no KV block"]),
+        (["--max-model-len", "100000"], ["max_model_len=100000 is longer than the model's context"]),
+        (["--file", "/no/such/prompts.txt"], ["--file /no/such/prompts.txt: no such file"]),
+    ],
+)
+def test_bad_engine_flags_exit_2_with_one_line_naming_the_setting(
+    flags: list[str], fragments: list[str], tiny_model_dir: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert_error(*run_main(capsys, "generate", "--model", tiny_model_dir, *flags, "hi"), *fragments)
