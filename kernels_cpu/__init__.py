@@ -18,8 +18,9 @@ temporaries dominates, and takes the rest from the reference on purpose:
 
 Numba's CPU target has no float16, so decode attention reads a float16 KV cache as its
 raw 16-bit patterns and widens each page to float32 (exactly), and ``store_kv`` writes
-one through NumPy. Compiled code is cached on disk (``cache=True``): the first run in a fresh
-checkout spends a few seconds compiling.
+one through NumPy. Compiled code is cached on disk (``cache=True``) under
+``~/.cache/nanoserve/numba`` (``kernels_cpu.compile_cache``): the first run spends a few
+seconds compiling.
 
 Threads: every kernel here runs on the calling thread; only the matmuls use threads
 (OpenBLAS's). Splitting attention over threads as well did not make serving faster on
@@ -30,6 +31,7 @@ Threads: every kernel here runs on the calling thread; only the matmuls use thre
     ()
 """
 
+from kernels_cpu import compile_cache  # noqa: F401  (first: sets where compiled kernels are cached)
 from kernels_cpu.attention import paged_attention, store_kv
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope

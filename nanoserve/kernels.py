@@ -108,6 +108,12 @@ def get_backend(name: str = "ref") -> Backend:
             implemented[kernel] = getattr(kernels_ref, kernel)
             fallbacks.append(kernel)
     if len(fallbacks) == len(kernels_ref.KERNEL_NAMES) and source is not kernels_ref:
+        if isinstance(source, types.ModuleType) and getattr(source, "__file__", None) is None:
+            where = ", ".join(getattr(source, "__path__", [])) or "?"
+            raise BackendError(
+                f"backend {name!r} imported an empty folder, not nanoserve's package: {where} "
+                "(left behind by an uninstalled copy?); delete that folder, or reinstall nanoserve"
+            )
         raise BackendError(f"backend {name!r} defines none of the kernels {kernels_ref.KERNEL_NAMES}")
     xp = getattr(source, "xp", np)
     to_device = getattr(source, "to_device", None) or xp.asarray
