@@ -11,13 +11,16 @@ from nanoserve.check_kernels.cases import SPECS
 from nanoserve.check_kernels.driver import KernelReport, check_backend
 from nanoserve.check_kernels.gpu import use_simulator_if_no_gpu
 from nanoserve.check_kernels.limits import LIMITS
+from nanoserve.config import EngineConfig
 from nanoserve.kernels import get_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m nanoserve check-kernels``."""
     parser.add_argument(
-        "--backend", default="ref", help="registered backend name or path of a .py file (default: ref)"
+        "--backend",
+        default=EngineConfig.backend,
+        help=f"registered backend name or path of a .py file (default: {EngineConfig.backend}, the engine's)",
     )
     parser.add_argument(
         "--kernel", action="append", default=None, metavar="K",
@@ -88,8 +91,9 @@ def print_report(reports: list[KernelReport], title: str) -> None:
     for report in reports:
         if not report.passed:
             print("\n" + report.describe_failure())
+    print("\n'-' in an error column: the largest error was exactly zero.")
     if any(r.status == "ref" for r in reports):
-        print("\n'ref': the backend does not define this kernel; the reference is used (nothing to check).")
+        print("'ref': the backend does not define this kernel; the reference is used (nothing to check).")
 
 
 def run(args: argparse.Namespace) -> int:

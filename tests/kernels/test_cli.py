@@ -21,6 +21,12 @@ def test_reference_passes_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> 
     assert "rms_norm" in out and "softmax" in out and "pass" in out
 
 
+def test_without_a_backend_it_grades_the_engines_default_and_explains_the_dash(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run("--kernel", "rms_norm", "--examples", "3", "--seed", "0") == 0
+    out = capsys.readouterr().out
+    assert "backend 'cpu'" in out and "'-' in an error column: the largest error was exactly zero." in out
+
+
 def test_a_failing_backend_exits_one_and_prints_the_minimal_example(capsys: pytest.CaptureFixture[str]) -> None:
     from nanoserve.kernels import register_backend
     from tests.kernels import planted_bugs
