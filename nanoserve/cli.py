@@ -151,10 +151,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nanoserve.server.cli import run, warn_if_exposed  # FastAPI and uvicorn load only here
+    from nanoserve.server.cli import check_server_config, run  # FastAPI and uvicorn load only here
 
     server = config.from_args(ServerConfig, args)
-    warn_if_exposed(server)
+    check_server_config(server)  # limits, the port, exposure: before the model loads
     return run(build_engine(args), server, default_model_name=args.model is None)
 
 

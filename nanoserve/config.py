@@ -90,7 +90,15 @@ class ServerConfig:
     served_model_name: str | None = setting(
         None, "the model id clients use (default: SmolLM2-135M-Instruct, or the name of --model)"
     )
-    max_waiting: int = setting(256, "most queued requests; more are refused with 503 + Retry-After")
+    allowed_hosts: str | None = setting(
+        None, "Host header names accepted besides --host and loopback, comma-separated ('*': any)"
+    )
+    allowed_origins: str | None = setting(
+        None, "browser origins allowed by CORS, comma-separated ('*': any; default: CORS off)"
+    )
+    max_waiting: int = setting(
+        256, "most queued requests, at least 16 (prompts x n of one request); more are refused with 503"
+    )
     max_body_bytes: int | None = setting(None, "largest request body; larger gets 413 (default: 1 MiB)")
     shutdown_timeout: float = setting(10.0, "seconds in-flight requests may take to finish on SIGINT/SIGTERM")
     log_level: str = setting("info", "uvicorn log level", choices=LOG_LEVELS)

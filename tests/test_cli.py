@@ -202,3 +202,12 @@ def test_bad_engine_flags_exit_2_with_one_line_naming_the_setting(
     flags: list[str], fragments: list[str], tiny_model_dir: str, capsys: pytest.CaptureFixture
 ) -> None:
     assert_error(*run_main(capsys, "generate", "--model", tiny_model_dir, *flags, "hi"), *fragments)
+
+
+def test_serve_refuses_a_bad_or_busy_port_before_loading_the_model(tiny_model_dir: str, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    assert_error(*run_main(capsys, "serve", "--model", "/no/model/needed", "--port", "99999"), "--port must be in [1, 65535]")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        assert_error(*run_main(capsys, "serve", "--model", "/no/model/needed", "--port", port), f"cannot listen on 127.0.0.1:{port}")

@@ -12,8 +12,9 @@ collects the final outputs or streams Server-Sent Events (``data: {chunk}`` line
 its unfinished engine requests are aborted, which frees their KV blocks at once.
 
 Every error is answered as ``{"error": {"message", "type", "param", "code"}}`` with its
-status: 400 invalid request, 401 bad API key, 404 unknown model or route, 413 body too
-large, 503 overloaded or shutting down. Every 503 -- these, and ``/health`` while the
+status: 400 invalid request, 401 bad API key, 403 a Host header this server does not answer
+to, 404 unknown model or route, 413 body too large, 415 a POST body not declared
+``application/json``, 503 overloaded or shutting down. Every 503 -- these, and ``/health`` while the
 engine is not running -- carries ``Retry-After``. Errors never reach the engine thread: a
 bad request is refused before it is queued.
 """
@@ -26,16 +27,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanoserve.engine import LLMEngine
 from nanoserve.errors import (
@@ -59,6 +63,8 @@ logger = logging.getLogger("nanoserve.server")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_LIMIT_BYTES = 16 << 20  # read (and drop) at most this much of a too-large body: the client sees the 413
 SHUTTING_DOWN = "the request was aborted: the server is shutting down"
+CLIENT_CLOSED = 499  # the status of a request whose client went away before its answer (nginx's)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -73,6 +79,7 @@ class ServerState:
     api_key: str | None
     max_body_bytes: int
     retry_after_s: int
+    allowed_hosts: frozenset[str] | None  # Host header names answered; None: any
     token_text: proto.TokenText
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -120,10 +127,15 @@ def create_app(
     max_waiting: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     retry_after_s: int = 1,
+    allowed_hosts: Iterable[str] = (),
+    allowed_origins: Iterable[str] = (),
 ) -> FastAPI:
     """The OpenAI-compatible app. Given an LLMEngine, the app owns its engine thread
     (started and stopped with the app); given an AsyncEngine, the caller owns it.
-    ``max_waiting`` applies only when the app builds the AsyncEngine itself."""
+    ``max_waiting`` applies only when the app builds the AsyncEngine itself.
+
+    ``allowed_hosts``: Host header names answered besides the loopback names (``"*"``: any);
+    ``allowed_origins``: the browser origins CORS allows (none: no CORS headers at all)."""
     owns = isinstance(engine, LLMEngine)
     async_engine = AsyncEngine(engine, max_waiting=max_waiting) if isinstance(engine, LLMEngine) else engine
     model_id = served_model_name or async_engine.model_name
@@ -136,6 +148,7 @@ def create_app(
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
         retry_after_s=retry_after_s,
+        allowed_hosts=_host_names(allowed_hosts),
         token_text=proto.TokenText(async_engine.tokenizer),
     )
 
@@ -150,9 +163,71 @@ def create_app(
 
     app = FastAPI(title="nanoserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    _add_middleware(app, state, list(allowed_origins))
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
+
+
+# --- cross-site protection -------------------------------------------------------------------
+def host_name(value: str) -> str:
+    """The name in a Host header or address, without port: ``[::1]:8000`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _host_names(allowed: Iterable[str]) -> frozenset[str] | None:
+    """The Host names a server answers: loopback and ``allowed``; None if ``allowed`` has ``"*"``."""
+    names = {host_name(name) for name in allowed if name.strip()}
+    return None if "*" in names else frozenset(names.union(LOOPBACK_HOSTS))
+
+
+class HostCheck:
+    """ASGI middleware: 403 for a Host header the server does not answer to.
+
+    A page on another site that has pointed its own name at this address (DNS rebinding)
+    makes the browser send that name as the Host; refusing it keeps the page out.
+    A request without a Host header (HTTP/1.0) cannot come from a browser and passes.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed = self.state.allowed_hosts
+        host = Headers(scope=scope).get("host", "") if scope["type"] in ("http", "websocket") else ""
+        if host and allowed is not None and host_name(host) not in allowed:
+            await _error_response(self.state, _host_refused(host, allowed))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _host_refused(host: str, allowed: frozenset[str]) -> APIError:
+    names = ", ".join(sorted(allowed))
+    return APIError(
+        403,
+        f"Host header {host!r} is not allowed: this server answers to {names}; "
+        "start it with --allowed-hosts to add names",
+        "permission_error",
+        code="host_not_allowed",
+    )
+
+
+def _add_middleware(app: FastAPI, state: ServerState, origins: list[str]) -> None:
+    """CORS only for explicitly allowed origins; the Host check outermost, before anything answers."""
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(HostCheck, state=state)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -175,6 +250,11 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _error_response(state, APIError(exc.status_code, message, code=code, headers=exc.headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        state.metrics.http_errors.labels(str(CLIENT_CLOSED)).inc()
+        return Response(status_code=CLIENT_CLOSED)  # nobody to read it
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -260,6 +340,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _json_body(request: Request, state: ServerState) -> bytes:
+    """A POST's body (413 past the limit), which must be declared ``application/json`` (415).
+
+    A page on another site can make a browser send a text/plain or form body without asking
+    the server first (no CORS preflight), never an ``application/json`` one.
+    """
+    body = await _read_body(request, state.max_body_bytes)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = repr(media_type) if media_type else "none"
+        raise APIError(
+            415,
+            f"unsupported Content-Type {shown}: send the body as 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
+    return body
+
+
 def _check_model(state: ServerState, model: str | None) -> str:
     if model is not None and model not in state.model_names:
         raise APIError(
@@ -289,6 +387,7 @@ async def _submit(
     prompt_param = "messages" if kind == "chatcmpl" else "prompt"
     job_id = f"{kind}-{uuid.uuid4().hex}"
     n = req.num_choices
+    _check_admissible(state, len(prompts) * n)
     subs, choice_of = [], {}
     for p, ids in enumerate(prompts):
         if not ids:
@@ -308,6 +407,17 @@ async def _submit(
     except (RequestError, EngineOverloadedError) as exc:
         raise _engine_error(state, exc, prompt_param) from None
     return Job(job_id, int(time.time()), model, stream, choice_of, prompts, texts, n)
+
+
+def _check_admissible(state: ServerState, num_requests: int) -> None:
+    """400 for a request with more engine requests than the waiting queue can ever hold."""
+    limit = state.engine.max_waiting
+    if limit is not None and num_requests > limit:
+        raise bad_request(
+            f"n: this request makes {num_requests} engine requests (prompts x n), more than the "
+            f"{limit} this server can queue (--max-waiting {limit}); lower n or send fewer prompts",
+            param="n",
+        )
 
 
 async def _collect(request: Request, job: Job) -> dict[str, RequestOutput] | None:
@@ -403,7 +513,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         _authorize(request, state)
-        req = proto.parse_request(ChatCompletionRequest, await _read_body(request, state.max_body_bytes))
+        req = proto.parse_request(ChatCompletionRequest, await _json_body(request, state))
         model = _check_model(state, req.model)
         prompt = _render_chat(state, req)
         job = await _submit(state, req, [state.engine.tokenizer.encode(prompt)], [prompt], model, "chatcmpl")
@@ -412,7 +522,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         _authorize(request, state)
-        req = proto.parse_request(CompletionRequest, await _read_body(request, state.max_body_bytes))
+        req = proto.parse_request(CompletionRequest, await _json_body(request, state))
         model = _check_model(state, req.model)
         tok = state.engine.tokenizer
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
@@ -523,7 +633,7 @@ async def _answer(request: Request, shape: ChatShape | CompletionShape) -> Respo
         return EventStream(_events(shape), shape.job.stream)
     finals = await _collect(request, shape.job)
     if finals is None:
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     _check_finals(finals)
     return JSONResponse(_response(shape, finals))
 

@@ -264,7 +264,8 @@ def fuzz_server(tiny_model_dir: str) -> Iterator[RunningServer]:
 
 def check_answer(server: RunningServer, path: str, body: Any) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body)
-    with httpx.stream("POST", server.url + path, content=content, timeout=60) as r:
+    headers = {"content-type": "application/json"}
+    with httpx.stream("POST", server.url + path, content=content, headers=headers, timeout=60) as r:
         raw = r.read()
     assert r.status_code < 500, (body, raw)
     if r.status_code >= 400:
