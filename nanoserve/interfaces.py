@@ -175,13 +175,7 @@ class KVManager(Protocol):
 
     def get_computed_prefix(self, request: Request) -> ComputedPrefix: ...
 
-    def allocate_slots(
-        self,
-        request: Request,
-        num_new_tokens: int,
-        num_lookahead_tokens: int = 0,
-        prefix: ComputedPrefix | None = None,
-    ) -> bool: ...
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_lookahead_tokens: int = 0, prefix: ComputedPrefix | None = None) -> bool: ...
 
     def cache_blocks(self, request: Request) -> None: ...
 
