@@ -353,7 +353,9 @@ def summarize(engine: str, workload: str, trace: list[Sent], wall: float, max_to
 async def measure(server: Server, chat: ChatWorkload, shared: list[list[int]], shared_tokens: int,
                   tokenizer: Tokenizer, block_size: int) -> list[Result]:  # fmt: skip
     """Warm up, then both workloads, one after the other."""
-    limits = httpx.Limits(max_connections=len(shared) + 8, max_keepalive_connections=len(shared) + 8)
+    # a new connection per request: llama-server closes one idle for 5 s, and a client that
+    # reuses it just then gets "Server disconnected without sending a response"
+    limits = httpx.Limits(max_connections=len(shared) + 8, max_keepalive_connections=0)
     results = []
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(1800.0), limits=limits) as client:
         await complete(client, server, tokenizer.encode("Warm up, please."), 4, tokenizer, [])
