@@ -540,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         print_ratios(by_engine, pairs)
     print("\nratios: below 1 is better for TTFT, above 1 for tok/s. hit rate: prompt tokens served from the cache;")
     print(f"optimum: an infinite cache on the same trace ({args.block_size}-token blocks).")
+    if args.quick:
+        print("(--quick: the workloads are too small for the targets, which are set for the full run)")
     print_targets(by_workload.get("multi-turn chat", {}), by_workload.get("shared prefix", {}))
     for name, reason in skipped.items():
         print(f"{name}: skipped ({reason})")
