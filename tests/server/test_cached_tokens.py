@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from nanoserve.server.app import Job
+from nanoserve.server.shapes import Job
 from tests.server.conftest import RunningServer, serve_tiny
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
