@@ -161,7 +161,7 @@ class KVCacheManager:
             own = self.prefix_cache.stats()
             cache = PrefixCacheStats(
                 num_cached_blocks=own.num_cached_blocks,
-                num_evictable_blocks=len(self._evictable()),
+                num_evictable_blocks=self._num_evictable(),
                 num_evicted_blocks=own.num_evicted_blocks,
                 num_query_tokens=self.num_query_tokens,
                 num_hit_tokens=self.num_hit_tokens,
@@ -175,6 +175,14 @@ class KVCacheManager:
             block_tables={rid: tuple(table) for rid, table in self.block_tables.items()},
             prefix_cache=cache,
         )
+
+    def _num_evictable(self) -> int:
+        """Cached blocks nobody holds: the radix tree counts them as it goes; the hash cache's are
+        found by set difference (its cached blocks minus those in tables)."""
+        assert self.prefix_cache is not None
+        if self.prefix_cache.holds_references:
+            return self.prefix_cache.num_evictable  # equal to len(self._evictable()): check_invariants
+        return len(self._evictable())
 
     def _evictable(self) -> set[int]:
         """Cached blocks that no request's table holds and no lock protects."""
