@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 KV_CACHE_DTYPES: tuple[str, ...] = ("float32", "float16")  # KV page formats (nanoserve.cache.paged)
 WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "gguf")  # nanoserve.quant
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+SPECULATIVE_METHODS: tuple[str, ...] = ("none", "ngram", "draft")  # nanoserve.spec
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None, env: str | None = None) -> Any:
@@ -75,6 +76,20 @@ class EngineConfig:
         "never passing a request over more than 32 times), or FILE.py:NAME",
     )
     sampler: str = setting("default", "sampler implementation: default (seeded, per request), or FILE.py:NAME")
+    threads: int | None = setting(
+        None, "CPU threads for matrix products (OpenBLAS); default: the thread policy (see docs/threads.md)"
+    )
+    speculative: str = setting(
+        "none",
+        "speculative decoding: none, ngram (propose tokens that followed the same n-gram earlier in "
+        "prompt + output), or draft (a smaller or quantized model proposes them)",
+        choices=SPECULATIVE_METHODS,
+    )
+    num_speculative_tokens: int = setting(4, "most tokens proposed per step when --speculative is on")
+    prompt_lookup_min: int = setting(2, "ngram: shortest suffix n-gram to look up")
+    prompt_lookup_max: int = setting(4, "ngram: longest suffix n-gram to look up")
+    draft_model: str | None = setting(None, "draft: the proposing model (default: the target model's file)")
+    draft_weights: str = setting("int8", "draft: the draft model's weight format", choices=WEIGHT_FORMATS)
 
 
 @dataclass
@@ -100,6 +115,10 @@ class ServerConfig:
         256, "most queued requests, at least 16 (prompts x n of one request); more are refused with 503"
     )
     max_body_bytes: int | None = setting(None, "largest request body; larger gets 413 (default: 1 MiB)")
+    limit_concurrency: int = setting(
+        1000, "most open connections and in-flight HTTP requests; more get 503 at once (uvicorn's limit)"
+    )
+    timeout_keep_alive: float = setting(5.0, "seconds an idle keep-alive connection stays open")
     shutdown_timeout: float = setting(10.0, "seconds in-flight requests may take to finish on SIGINT/SIGTERM")
     log_level: str = setting("info", "uvicorn log level", choices=LOG_LEVELS)
     no_access_log: bool = setting(False, "do not log every HTTP request")

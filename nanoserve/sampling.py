@@ -127,6 +127,47 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:  # [..., V] -> [..., V] float
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def probabilities(
+    logits: np.ndarray,  # [R, V] float32, rows to sample at random
+    params: list[SamplingParams],  # [R], none of them greedy
+    kernels: Any,  # the backend's kernels (top_k_filter, top_p_filter, min_p_filter, softmax)
+) -> np.ndarray:  # [R, V] float64, each row sums to 1
+    """The distribution a random row is drawn from: temperature, top-k, top-p, min-p, softmax.
+
+    The speculative rejection sampler (``nanoserve.spec``) compares drafts against exactly
+    this distribution.
+    """
+    x = logits / np.array([p.temperature for p in params], dtype=np.float32)[:, None]
+    x = kernels.top_k_filter(x, np.array([p.top_k for p in params], dtype=np.int64))
+    x = kernels.top_p_filter(x, np.array([p.top_p for p in params], dtype=np.float64))
+    x = kernels.min_p_filter(x, np.array([p.min_p for p in params], dtype=np.float64))
+    return kernels.softmax(x.astype(np.float64), -1)
+
+
+def draw(probs: np.ndarray, generator: np.random.Generator) -> int:  # [V] float64 -> token id
+    """One token from ``probs`` by inverse CDF, using one uniform draw of ``generator``."""
+    cdf = np.cumsum(probs)
+    u = generator.random() * cdf[-1]
+    token = min(int(np.searchsorted(cdf, u, side="right")), probs.shape[0] - 1)
+    while probs[token] == 0.0:  # u landed exactly on a boundary: step back
+        token -= 1
+    return token
+
+
+def add_logprobs(
+    results: list[SampleResult], raw_logits: np.ndarray, params: list[SamplingParams]
+) -> None:  # raw_logits [S, V]: fills logprob / top_logprobs of the rows that asked for them
+    want = [s for s in range(len(results)) if params[s].logprobs is not None]
+    if not want:
+        return
+    lp = log_softmax(raw_logits[want])
+    for row, s in enumerate(want):
+        results[s].logprob = float(lp[row, results[s].token_id])
+        k = params[s].logprobs or 0
+        top = np.argsort(-lp[row], kind="stable")[:k]
+        results[s].top_logprobs = [(int(t), float(lp[row, t])) for t in top]
+
+
 def sample(
     logits: np.ndarray,  # [S, V] float32, one row per request that needs a token
     params: list[SamplingParams],  # [S]
@@ -139,28 +180,24 @@ def sample(
     tokens = np.argmax(logits, axis=-1)  # greedy rows are done already
     random_rows = [s for s in range(num_rows) if not params[s].greedy]
     if random_rows:
-        sub = [params[s] for s in random_rows]
-        x = logits[random_rows] / np.array([p.temperature for p in sub], dtype=np.float32)[:, None]
-        x = kernels.top_k_filter(x, np.array([p.top_k for p in sub], dtype=np.int64))
-        x = kernels.top_p_filter(x, np.array([p.top_p for p in sub], dtype=np.float64))
-        x = kernels.min_p_filter(x, np.array([p.min_p for p in sub], dtype=np.float64))
-        probs = kernels.softmax(x.astype(np.float64), -1)  # [R, V]
+        probs = probabilities(logits[random_rows], [params[s] for s in random_rows], kernels)  # [R, V]
         for row, s in enumerate(random_rows):
-            cdf = np.cumsum(probs[row])
-            u = generators[s].random() * cdf[-1]
-            tokens[s] = min(int(np.searchsorted(cdf, u, side="right")), logits.shape[1] - 1)
-            while probs[row, tokens[s]] == 0.0:  # u landed exactly on a boundary: step back
-                tokens[s] -= 1
+            tokens[s] = draw(probs[row], generators[s])
     results = [SampleResult(int(t)) for t in tokens]
-    want = [s for s in range(num_rows) if params[s].logprobs is not None]
-    if want:
-        lp = log_softmax((logits if raw_logits is None else raw_logits)[want])
-        for row, s in enumerate(want):
-            results[s].logprob = float(lp[row, tokens[s]])
-            k = params[s].logprobs or 0
-            top = np.argsort(-lp[row], kind="stable")[:k]
-            results[s].top_logprobs = [(int(t), float(lp[row, t])) for t in top]
+    add_logprobs(results, logits if raw_logits is None else raw_logits, params)
     return results
+
+
+def row_history(request: Request, row: int, num_rows: int) -> list[int]:
+    """The output tokens that precede the token predicted by logits row ``row`` of ``num_rows``.
+
+    A request's logits rows are always its last ``num_rows`` known positions, where known
+    tokens are prompt + outputs + drafts (``request.spec_token_ids``, awaiting verification).
+    A decode has one row and sees all outputs; row j of a k-draft verification sees the
+    outputs and the first j drafts.
+    """
+    tokens = request.output_token_ids + request.spec_token_ids
+    return tokens[: max(0, len(tokens) - num_rows + 1 + row)]
 
 
 class Sampler:
@@ -172,18 +209,31 @@ class Sampler:
     def __init__(self, kernels: Any) -> None:
         self.kernels = kernels  # the backend's kernels (top_k_filter, top_p_filter, ...)
 
+    def process(
+        self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
+    ) -> tuple[np.ndarray, list[Request]]:  # [R, V] -> processed [R, V], and each row's request
+        """Each request's logits processors, row by row (rows of a request see :func:`row_history`).
+
+        Returns ``logits`` itself when nothing applies, else a processed copy.
+        """
+        rows: list[Request] = [r for r, n in zip(requests, num_logits) for _ in range(n)]
+        processed = logits
+        row = 0
+        for request, n in zip(requests, num_logits):
+            for j in range(n):
+                for processor in request.params.logits_processors:
+                    if processed is logits:
+                        processed = logits.copy()  # logprobs still come from the raw model output
+                    processed[row] = processor(row_history(request, j, n), processed[row])
+                row += 1
+        return processed, rows
+
     def sample(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
     ) -> list[list[SampleResult]]:  # logits [sum(num_logits), V] float32 -> per request, one per row
-        rows: list[Request] = [r for r, n in zip(requests, num_logits) for _ in range(n)]
+        processed, rows = self.process(logits, requests, num_logits)
         if not rows:
             return [[] for _ in requests]
-        processed = logits
-        for row, request in enumerate(rows):
-            for processor in request.params.logits_processors:
-                if processed is logits:
-                    processed = logits.copy()  # logprobs still come from the raw model output
-                processed[row] = processor(request.output_token_ids, processed[row])
         results = sample(processed, [r.params for r in rows], [r.generator for r in rows], self.kernels, logits)
         out: list[list[SampleResult]] = []
         start = 0
