@@ -42,6 +42,7 @@ sequences still fills the GPU.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from numba import cuda, float32, int64
@@ -52,8 +53,15 @@ from kernels_cuda._runtime import (
     contiguous,
     grid_stride_blocks,
     require_device,
+    to_host,
     xp,
 )
+from kernels_ref.attention import check_paged_metadata, check_slot_mapping
+
+#: The kernels do not check their indices: inconsistent metadata would read or write outside
+#: the pool (on a GPU, another allocation's memory). NANOSERVE_CHECK_BOUNDS=1 checks it first,
+#: as the reference always does, on a host copy of the metadata (a device-to-host copy per call).
+CHECK_BOUNDS = os.environ.get("NANOSERVE_CHECK_BOUNDS", "") == "1"
 
 #: Largest head dimension the shared-memory buffers hold (SmolLM2 uses 64).
 MAX_HEAD_DIM = 256
@@ -75,8 +83,14 @@ def store_kv_kernel(k, v, k_cache, v_cache, slot_mapping):  # [T, Hkv, D] x2 -> 
 
 
 def store_kv(k: Any, v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:  # [T, Hkv, D] x2 -> caches
-    """Scatter k, v into their slots of the paged caches, in place; slot < 0 = skip."""
+    """Scatter k, v into their slots of the paged caches, in place; slot < 0 = skip.
+
+    With ``CHECK_BOUNDS``, a slot other than -1 outside the pool is a ValueError, raised
+    before anything is written.
+    """
     require_device()
+    if CHECK_BOUNDS:
+        check_slot_mapping(k_cache, to_host(slot_mapping))
     elements = k.shape[0] * k.shape[1] * k.shape[2]
     if elements == 0:
         return
@@ -177,8 +191,15 @@ def paged_attention(
     seq_lens: Any,  # [S] int
     scale: float,
 ) -> Any:  # -> [T, H, D]
-    """Varlen causal attention over pages; same contract as kernels_ref.paged_attention."""
+    """Varlen causal attention over pages; same contract as kernels_ref.paged_attention.
+
+    With ``CHECK_BOUNDS``, metadata that would read outside the pool (a block id that a
+    sequence reads outside [0, N), a seq_len past its block table, query lengths that do
+    not fit) is a ValueError, raised before the launch.
+    """
     require_device()
+    if CHECK_BOUNDS:
+        check_paged_metadata(k_cache, to_host(block_tables), to_host(query_start_loc), to_host(seq_lens))
     q = contiguous(q, xp.float32)
     out = xp.zeros_like(q)
     num_tokens, num_heads, head_dim = q.shape

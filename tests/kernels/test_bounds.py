@@ -1,7 +1,8 @@
 """Inconsistent paged metadata is an error, never a read or write outside the pool.
 
-The reference kernels always check; the compiled cpu kernels check when
-``NANOSERVE_CHECK_BOUNDS=1`` (here: the module flag, set for the test).
+The reference kernels always check; the compiled cpu kernels and the cuda kernels check
+when ``NANOSERVE_CHECK_BOUNDS=1`` (here: each module's flag, set for the test). The cuda
+kernels run on Numba's CUDA simulator unless the suite runs on a GPU (see conftest.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 
 import kernels_ref
+from kernels_cuda import to_host
 
 cpu_attention = importlib.import_module("kernels_cpu.attention")  # the module (kernels_cpu.attention is a kernel)
+cuda_attention = importlib.import_module("kernels_cuda.attention")
+CHECKED = {"cpu": cpu_attention, "cuda": cuda_attention}  # backends that check only when asked
 
 N, B, HKV, H, D = 4, 4, 2, 4, 8
 
@@ -23,11 +27,11 @@ def pool() -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((N, B, HKV, D)).astype(np.float32), rng.standard_normal((N, B, HKV, D)).astype(np.float32)
 
 
-@pytest.fixture(params=["ref", "cpu"])
+@pytest.fixture(params=["ref", "cpu", "cuda"])
 def kernels(request, monkeypatch):
-    if request.param == "cpu":
-        monkeypatch.setattr(cpu_attention, "CHECK_BOUNDS", True)
-        return cpu_attention
+    if request.param in CHECKED:
+        monkeypatch.setattr(CHECKED[request.param], "CHECK_BOUNDS", True)
+        return CHECKED[request.param]
     return kernels_ref
 
 
@@ -62,4 +66,14 @@ def test_unused_table_entries_may_hold_anything(kernels):
     tables = np.array([[2, 10**6, -1]])  # only block 2 is read
     out = kernels.paged_attention(q, k_cache, v_cache, tables, np.array([0, 1]), np.array([3]), 0.3)
     ref = kernels_ref.paged_attention(q, k_cache, v_cache, np.array([[2]]), np.array([0, 1]), np.array([3]), 0.3)
-    np.testing.assert_allclose(out, ref, atol=1e-6)
+    np.testing.assert_allclose(to_host(out), ref, atol=1e-6)
+
+
+def test_a_padding_slot_of_minus_one_is_skipped(kernels):
+    k_cache, v_cache = pool()
+    before = k_cache.copy()
+    k = np.full((2, HKV, D), 7.0, dtype=np.float32)
+    kernels.store_kv(k, k, k_cache, v_cache, np.array([-1, 5]))
+    expected = before.reshape(N * B, HKV, D).copy()
+    expected[5] = 7.0
+    np.testing.assert_array_equal(k_cache.reshape(N * B, HKV, D), expected)
