@@ -31,7 +31,7 @@ import numpy as np
 
 from nanoserve import components
 from nanoserve.cache.paged import PagedKVCache, bytes_per_block
-from nanoserve.config import EngineConfig
+from nanoserve.config import SPECULATIVE_METHODS, EngineConfig
 from nanoserve.errors import (
     CapacityError,
     ConfigError,
@@ -47,7 +47,8 @@ from nanoserve.model_runner import ModelRunner
 from nanoserve.output import RequestOutput, TextStream, make_output
 from nanoserve.request import Request
 from nanoserve.sampling import SamplingParams
-from nanoserve.stats import EngineStats, StepStats
+from nanoserve.spec import build_speculator
+from nanoserve.stats import EngineStats, SpecDecodingStats, StepStats
 from nanoserve.tokenizer import Tokenizer
 
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
@@ -62,6 +63,16 @@ def check_config(config: EngineConfig) -> None:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if config.num_blocks is None and not config.kv_cache_memory > 0:
         raise ConfigError(f"kv_cache_memory must be > 0 GiB, got {config.kv_cache_memory!r}")
+    if config.speculative not in SPECULATIVE_METHODS:
+        raise ConfigError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {config.speculative!r}")
+    for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if config.prompt_lookup_max < config.prompt_lookup_min:
+        raise ConfigError(
+            f"prompt_lookup_max ({config.prompt_lookup_max}) must be >= prompt_lookup_min ({config.prompt_lookup_min})"
+        )
 
 
 def check_pool_size(num_blocks: int, block_bytes: int, config: EngineConfig) -> None:
@@ -125,6 +136,9 @@ class LLMEngine:
         self.sampler = components.build("sampler", config.sampler, self.backend.kernels)
         self.runner = ModelRunner(self.model, self.cache, self.kv)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.speculator = None  # speculative decoding (nanoserve.spec), when configured
+        if config.speculative != "none":
+            self.sampler, self.speculator = build_speculator(config, loaded, self.backend, self.sampler, num_blocks, self.max_model_len)
         self.num_kv_slots = num_blocks * config.block_size
         self.requests: dict[str, Request] = {}
         self._streams: dict[str, TextStream] = {}
@@ -202,6 +216,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return outputs
+        drafted = [(r, len(r.spec_token_ids), r.num_accepted_tokens) for r in batch.requests if r.spec_token_ids]
         try:
             logits = self.runner.execute(batch)  # [sum(batch.num_logits), V]
             sampled = self.sampler.sample(logits, batch.requests, batch.num_logits)
@@ -215,7 +230,14 @@ class LLMEngine:
         for request, new_token_ids in self.scheduler.update_from_output(batch, sampled):
             self._totals["generation_tokens"] += len(new_token_ids)
             outputs.append(self._output(request, new_token_ids))
-        self._record_stats(batch, start)
+        spec = (0, 0)  # (drafts verified, accepted) in this step
+        if self.speculator is not None:
+            for request, num_drafts, accepted_before in drafted:
+                accepted = request.num_accepted_tokens - accepted_before
+                self.speculator.observe(request, num_drafts, accepted)
+                spec = (spec[0] + num_drafts, spec[1] + accepted)
+            self.speculator.propose([self.requests[rid] for rid in self.scheduler.stats().running])
+        self._record_stats(batch, start, spec)
         return outputs
 
     def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
@@ -223,12 +245,14 @@ class LLMEngine:
         stream = self._streams[request.request_id]
         text, delta = stream.release(finished=request.is_finished)
         if request.is_finished:
+            if self.speculator is not None:
+                self.speculator.finish(request)
             self._totals["finished"] += 1
             del self._streams[request.request_id]
             del self.requests[request.request_id]
         return make_output(request, text, delta, new_token_ids)
 
-    def _record_stats(self, batch: ScheduledBatch, start: float) -> None:
+    def _record_stats(self, batch: ScheduledBatch, start: float, spec: tuple[int, int]) -> None:
         kv = self.kv.stats()
         queues = self.scheduler.stats()
         computed = sum(r.num_computed_tokens for r in self.requests.values())
@@ -255,6 +279,8 @@ class LLMEngine:
                 prefix_cache_queried_tokens=queried,
                 prefix_cache_hit_tokens=hit,
                 evictable_blocks=cache.num_evictable_blocks,
+                spec_draft_tokens=spec[0],
+                spec_accepted_tokens=spec[1],
             )
         )
 
@@ -277,6 +303,7 @@ class LLMEngine:
             waiting=queues.waiting,
             block_tables=kv.block_tables,
             prefix_cache=kv.prefix_cache,
+            spec_decoding=self.speculator.stats() if self.speculator is not None else SpecDecodingStats(),
             last_step=last,
             **self._totals,
         )

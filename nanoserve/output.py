@@ -34,6 +34,8 @@ class RequestOutput:
     logprobs: list[SampleResult] = field(default_factory=list)  # all, if requested
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    num_draft_tokens: int = 0  # speculative drafts verified for this request
+    num_accepted_tokens: int = 0  # of those, accepted
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -100,6 +102,8 @@ def make_output(request: Request, text: str, delta: str, new_token_ids: list[int
         logprobs=list(request.output_logprobs),
         num_preemptions=request.num_preemptions,
         num_cached_tokens=request.num_cached_tokens,
+        num_draft_tokens=request.num_draft_tokens,
+        num_accepted_tokens=request.num_accepted_tokens,
         arrival_time=request.arrival_time,
         first_token_time=request.first_token_time,
         finish_time=request.finish_time,

@@ -53,6 +53,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[SampleResult] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step, unverified
+    spec_probs: np.ndarray | None = None  # [len(spec_token_ids), V] the drafts' distributions; None: one-hot
+    num_draft_tokens: int = 0  # drafts verified so far (speculative decoding)
+    num_accepted_tokens: int = 0  # of those, accepted
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
@@ -74,11 +77,11 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Known tokens ``start .. end-1`` (prompt then outputs)."""
+        """Tokens ``start .. end-1`` of prompt, then outputs, then drafts awaiting verification."""
         prompt_len = len(self.prompt_token_ids)
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        return (self.prompt_token_ids + self.output_token_ids + self.spec_token_ids)[start:end]
 
 
 def stop_reason(request: Request, token_id: int) -> str | None:

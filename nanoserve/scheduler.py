@@ -20,6 +20,12 @@ After the forward pass, ``update_from_output`` is the one place where a step's r
 enter the requests: computed tokens advance, sampled tokens are appended, stop conditions
 are checked, finished requests free their blocks.
 
+Speculative decoding (``nanoserve.spec``) adds drafts to a decoding request
+(``request.spec_token_ids``): its chunk is then the last token plus the drafts, all
+counted against the budget (drafts are dropped first when the budget is short), with
+logits for every position. Afterwards the K/V of the rejected drafts is rolled back, before
+any block is cached, so a rejected token never enters the prefix cache.
+
 Invariants: the tokens scheduled never exceed the budget; at most ``max_num_seqs``
 requests run; every scheduled request holds blocks for all its tokens.
 It implements :class:`nanoserve.interfaces.Scheduler` (registered as ``"fcfs"``).
@@ -63,7 +69,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = request.num_tokens - request.num_computed_tokens
+            if request.spec_token_ids:  # drafts ride along with a decode, as far as the budget goes
+                self._trim_drafts(request, budget - n if n == 1 else 0)
+            n = min(n + len(request.spec_token_ids), budget)
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -101,11 +110,22 @@ class Scheduler:
 
     @staticmethod
     def _add_to_batch(batch: ScheduledBatch, request: Request, n: int) -> None:
+        """A chunk that reaches the last known token (drafts included) needs logits for its last
+        1 + drafts positions: the next token after each."""
+        num_drafts = len(request.spec_token_ids)
         batch.requests.append(request)
         batch.num_new_tokens.append(n)
-        batch.num_logits.append(1 if request.num_computed_tokens + n == request.num_tokens else 0)
+        batch.num_logits.append(1 + num_drafts if request.num_computed_tokens + n == request.num_tokens + num_drafts else 0)
+
+    @staticmethod
+    def _trim_drafts(request: Request, keep: int) -> None:
+        """Keep the first ``keep`` (>= 0) drafts of ``request``."""
+        del request.spec_token_ids[max(0, keep) :]
+        if request.spec_probs is not None:
+            request.spec_probs = request.spec_probs[: len(request.spec_token_ids)] if request.spec_token_ids else None
 
     def _preempt(self, request: Request) -> None:
+        self._trim_drafts(request, 0)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -121,8 +141,8 @@ class Scheduler:
         now = time.monotonic()
         updates: list[tuple[Request, list[int]]] = []
         for request, n, results in zip(batch.requests, batch.num_new_tokens, sampled):
+            drafts, request.spec_token_ids, request.spec_probs = request.spec_token_ids, [], None
             request.num_computed_tokens += n
-            self.kv.cache_blocks(request)
             new: list[int] = []
             reason = None
             for result in results:
@@ -133,6 +153,14 @@ class Scheduler:
                 reason = stop_reason(request, result.token_id)
                 if reason is not None:
                     break
+            if drafts:  # the K/V of rejected drafts is wrong: forget it (a later step overwrites it)
+                accepted = 0  # drafts the new tokens start with (a correction never equals its draft)
+                while accepted < min(len(drafts), len(new)) and drafts[accepted] == new[accepted]:
+                    accepted += 1
+                request.num_draft_tokens += len(drafts)
+                request.num_accepted_tokens += accepted
+                self.rollback(request, len(drafts) - accepted)
+            self.kv.cache_blocks(request)
             if new and request.first_token_time is None:
                 request.first_token_time = now
             if reason is not None:

@@ -34,6 +34,27 @@ class StepStats:
     prefix_cache_queried_tokens: int = 0  # tokens of the requests admitted in this step
     prefix_cache_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
     evictable_blocks: int = 0  # cached blocks no running request holds, after the step
+    spec_draft_tokens: int = 0  # drafts verified in this step (speculative decoding)
+    spec_accepted_tokens: int = 0  # of those, accepted
+
+
+@dataclass(frozen=True)
+class SpecDecodingStats:
+    """Speculative decoding's lifetime counters (vLLM's names): drafts verified, and accepted."""
+
+    num_drafts: int = 0  # verifications of a request's drafts
+    num_draft_tokens: int = 0  # drafted tokens verified
+    num_accepted_tokens: int = 0  # of those, accepted
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()  # [k]: accepted drafts at position 0, 1, ..
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per verification: accepted drafts plus the one more token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,7 @@ class EngineStats:
     waiting: tuple[str, ...] = ()  # request ids, queue order
     block_tables: dict[str, tuple[int, ...]] = field(default_factory=dict)
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    spec_decoding: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     last_step: StepStats | None = None
 
     @property
