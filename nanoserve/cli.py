@@ -6,7 +6,12 @@
     python -m nanoserve serve --port 8000                        # OpenAI-compatible HTTP API
     python -m nanoserve check-kernels --backend cuda             # grade a kernel backend
 
-The CLI is a thin shell over :class:`nanoserve.engine.LLMEngine`.
+The CLI is a thin shell over :class:`nanoserve.engine.LLMEngine`. Every command first
+applies the thread policy (``--threads``, :mod:`nanoserve.threads`) and prints its line to
+stderr; ``--verbose`` ends ``generate`` with llama.cpp's kind of timing line. ``chat`` is a
+REPL with ``/help``, ``/reset``, ``/stats``, Ollama's triple-quote multi-line input, and
+Ctrl-C that stops an answer without leaving anything in the engine (:func:`chat_repl`).
+Errors are one ``error:`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
-from nanoserve import config
+from nanoserve import config, threads
 from nanoserve.config import EngineConfig, ServerConfig
 from nanoserve.errors import NanoserveError
 
@@ -83,17 +92,82 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def stream_one(engine: Any, prompt: str, params: Any) -> Any:
-    """Run one request, printing its text as it is generated; returns the final output."""
+def timing_line(out: Any) -> str:
+    """One request's counts and speeds, the way llama.cpp closes a run (printed to stderr).
+
+    TTFT runs from ``add_request`` to the first token. prefill tok/s = the prompt tokens the
+    engine computed (not taken from the prefix cache) / TTFT; decode tok/s = the output
+    tokens after the first / the time from the first token to the last.
+    """
+    prompt, cached, n = len(out.prompt_token_ids), out.num_cached_tokens, len(out.token_ids)
+    parts = [f"prompt {prompt} tokens" + (f" ({cached} cached)" if cached else "") + f", output {n} tokens"]
+    ttft = out.time_to_first_token
+    if ttft is None:
+        return parts[0] + "; no token generated"
+    parts += [f"TTFT {1000 * ttft:.1f} ms", f"prefill {(prompt - cached) / ttft:.1f} tok/s"]
+    if n >= 2 and out.finish_time is not None and out.finish_time > out.first_token_time:
+        decode_s = out.finish_time - out.first_token_time
+        parts.append(f"decode {(n - 1) / decode_s:.1f} tok/s ({n - 1} tokens in {1000 * decode_s:.1f} ms)")
+    return "; ".join(parts)
+
+
+def batch_timing_line(outputs: list[Any], wall_s: float) -> str:
+    """A batch's totals: tokens in and out, output tok/s over the wall time, mean TTFT."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(o.token_ids) for o in outputs)
+    ttfts = [o.time_to_first_token for o in outputs if o.time_to_first_token is not None]
+    mean_ttft = f"; mean TTFT {1000 * sum(ttfts) / len(ttfts):.1f} ms" if ttfts else ""
+    return (
+        f"{len(outputs)} prompts: prompt {prompt} tokens, output {generated} tokens in {wall_s:.2f} s "
+        f"({generated / wall_s:.1f} output tok/s){mean_ttft}"
+    )
+
+
+class CtrlC:
+    """While active, Ctrl-C (SIGINT) sets ``pressed`` instead of raising KeyboardInterrupt.
+
+    The streaming loop looks at ``pressed`` between engine steps, so an interrupt never lands
+    in the middle of a step (where it could leave a request half-updated). Outside the main
+    thread, where Python delivers no signals, it installs nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def stream_one(engine: Any, prompt: str, params: Any, out: TextIO | None = None, ctrl_c: CtrlC | None = None) -> Any:
+    """Run one request, writing its text to ``out`` (stdout) as it is generated; returns the final output.
+
+    With ``ctrl_c``, a Ctrl-C aborts the request after the step in flight: the final output
+    then has ``finish_reason == "abort"`` and the engine holds nothing of it.
+    """
+    out = out or sys.stdout
     request_id = engine.add_request(prompt, params)
     final = None
     while final is None:
-        for out in engine.step():
-            if out.request_id == request_id:
-                print(out.delta, end="", flush=True)
-                if out.finished:
-                    final = out
-    print(flush=True)
+        if ctrl_c is not None and ctrl_c.pressed:
+            engine.abort(request_id)  # its final output comes with the next step
+        for o in engine.step():
+            if o.request_id == request_id:
+                out.write(o.delta)
+                out.flush()
+                if o.finished:
+                    final = o
+    out.write("\n")
+    out.flush()
     if final.finish_reason == "error":
         raise NanoserveError(f"generation failed: {final.error}")
     return final
@@ -106,17 +180,152 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if engine.tokenizer.chat_template else p for p in prompts]
     if len(prompts) == 1:
-        stream_one(engine, prompts[0], params)
+        final = stream_one(engine, prompts[0], params)
+        if args.verbose:
+            print(timing_line(final), file=sys.stderr)
         return 0
     from nanoserve.llm import LLM
 
+    start = time.monotonic()
     outputs = LLM(engine=engine).generate(prompts, params, use_tqdm=True)
+    wall_s = time.monotonic() - start
     for i, out in enumerate(outputs):
         if args.jsonl:
             print(json.dumps({"index": i, "text": out.text, "finish_reason": out.finish_reason, "num_tokens": len(out.token_ids)}))
         else:
             print(f"--- [{i}] ({len(out.token_ids)} tokens, {out.finish_reason}) ---\n{out.text}")
+    if args.verbose:
+        print(batch_timing_line(outputs, wall_s), file=sys.stderr)
     return 0
+
+
+# --- chat ---------------------------------------------------------------------------------
+CHAT_COMMANDS = {
+    "/help": "list these commands (also /?)",
+    "/reset": "clear the conversation, after asking",
+    "/stats": "the last answer's tokens, time to first token and tokens/s",
+    "/exit": "quit (also /bye, /quit, Ctrl-D, or Ctrl-C twice)",
+}
+MULTILINE = '"""'
+
+
+def chat_help() -> str:
+    """The text ``/help`` prints: every command, then how to type a multi-line message."""
+    lines = [f"  {name:<8}{what}" for name, what in CHAT_COMMANDS.items()]
+    lines.append(f"  {MULTILINE:<8}begin a multi-line message; end it with a line that ends in {MULTILINE}")
+    lines.append("  Ctrl-C  stop the answer being written (at the prompt: press it twice to quit)")
+    return "\n".join(lines)
+
+
+def read_message(read: Callable[[str], str]) -> tuple[str, bool]:
+    """One message from ``read`` (``input``): ``(text, typed over several lines)``.
+
+    Ollama's convention: a line starting with three double quotes opens a multi-line message,
+    and the first line ending with them closes it; the quotes are not part of the text.
+    EOFError and KeyboardInterrupt pass through (the message so far is dropped).
+    """
+    line = read("> ")
+    if not line.lstrip().startswith(MULTILINE):
+        return line, False
+    rest = line.lstrip()[len(MULTILINE) :]
+    if rest.endswith(MULTILINE):  # opened and closed on one line
+        return rest[: -len(MULTILINE)], True
+    lines = [rest]
+    while True:
+        line = read("... ")
+        if line.endswith(MULTILINE):
+            lines.append(line[: -len(MULTILINE)])
+            return "\n".join(lines).strip("\n"), True
+        lines.append(line)
+
+
+def confirm(read: Callable[[str], str], question: str) -> bool:
+    """``question [y/N]``: True only for y or yes; Ctrl-C or Ctrl-D count as no."""
+    try:
+        return read(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
+
+
+def chat_repl(
+    engine: Any,
+    params: Any,
+    system: str | None = None,
+    verbose: bool = False,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """The interactive chat: read a message, stream the answer, keep the conversation; returns 0.
+
+    - Ctrl-C while an answer streams stops it: the request is aborted (the engine keeps
+      nothing of it) and that question and partial answer are left out of the conversation.
+    - Ctrl-C at the prompt once says how to quit; a second one in a row (also right after a
+      stopped answer), Ctrl-D, or ``/exit`` quits.
+    - A line starting with ``/`` is a command (``/help``), never sent to the model; a
+      multi-line message (``read_message``) is always sent.
+    - ``/stats``, and with ``verbose`` a line after every answer, give :func:`timing_line`.
+
+    ``read`` is ``input`` (it shows the prompt); the answers go to ``out`` (stdout) and
+    everything else to ``err`` (stderr).
+    """
+    out, err = out or sys.stdout, err or sys.stderr
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    last = None  # the last answer's final output
+    ctrl_c_before = False  # the previous event was a Ctrl-C: another one quits
+    while True:
+        try:
+            text, multiline = read_message(read)
+        except EOFError:
+            err.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            if ctrl_c_before:
+                err.write("\n")
+                return 0
+            err.write("\n(Ctrl-C again, Ctrl-D or /exit quits)\n")
+            ctrl_c_before = True
+            continue
+        ctrl_c_before = False
+        if not text.strip():
+            continue
+        if text.strip().startswith("/") and not multiline:
+            command = text.strip().split()[0].lower()
+            if command in ("/exit", "/quit", "/bye"):
+                return 0
+            if command in ("/help", "/?"):
+                err.write(chat_help() + "\n")
+            elif command == "/reset":
+                turns = len(messages) - len(start)
+                if confirm(read, f"clear the conversation ({turns} messages)?"):
+                    messages = list(start)
+                    err.write("conversation cleared\n")
+                else:
+                    err.write("kept the conversation\n")
+            elif command == "/stats":
+                err.write((timing_line(last) if last is not None else "no answer yet") + "\n")
+            else:
+                err.write(f"unknown command {command}; /help lists the commands\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        try:
+            with CtrlC() as ctrl_c:
+                final = stream_one(engine, prompt, params, out, ctrl_c)
+        except NanoserveError as exc:
+            messages.pop()
+            err.write(f"error: {exc}\n")
+            continue
+        last = final
+        if final.finish_reason == "abort":
+            messages.pop()
+            err.write("(answer stopped; left out of the conversation)\n")
+            ctrl_c_before = True
+            continue
+        messages.append({"role": "assistant", "content": final.text})
+        if verbose:
+            err.write(timing_line(final) + "\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -124,30 +333,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if not engine.tokenizer.chat_template:
         raise NanoserveError("this model has no chat template; use `generate --raw` instead")
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print("nanoserve chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.apply_chat_template(messages)
-        try:
-            out = stream_one(engine, prompt, params)
-        except NanoserveError as exc:
-            messages.pop()
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        messages.append({"role": "assistant", "content": out.text})
+    print(f'nanoserve chat: type a message ({MULTILINE} for several lines); /help lists the commands, Ctrl-D quits.', file=sys.stderr)
+    return chat_repl(engine, params, args.system, args.verbose)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -167,12 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--file", help="read prompts from a file: one per line, or JSONL (strings or {\"prompt\": ...})")
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.add_argument("--jsonl", action="store_true", help="print batch results as JSON lines")
+    gen.add_argument("--verbose", action="store_true", help="end with a stderr line: prompt and output tokens, TTFT, prefill and decode tok/s")
     config.add_arguments(gen, EngineConfig, "model and engine")
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="an interactive chat in the terminal")
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--verbose", action="store_true", help="after every answer, a stderr line: its tokens, TTFT and tok/s (as /stats)")
     config.add_arguments(chat, EngineConfig, "model and engine")
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
@@ -193,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        print(threads.apply(getattr(args, "threads", None)), file=sys.stderr)  # every command: BLAS threads first
         return int(args.func(args) or 0)
     except NanoserveError as exc:
         print(f"error: {exc}", file=sys.stderr)

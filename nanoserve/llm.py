@@ -7,6 +7,10 @@ Threads: ``LLMEngine`` is not thread-safe (one engine, one thread: the server ru
 thread of its own). ``LLM`` serialises its calls with a lock, so ``generate`` from several
 threads on one ``LLM`` runs them one after another and each gets its own correct outputs.
 A call that fails, or is interrupted, aborts the requests it added: nothing is left queued.
+
+BLAS threads: building an ``LLM`` applies the thread policy to the process
+(:func:`nanoserve.threads.apply` with ``EngineConfig.threads``; None = the policy's default),
+as every CLI command does.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from nanoserve import threads
 from nanoserve.config import EngineConfig
 from nanoserve.engine import LLMEngine
 from nanoserve.errors import RequestError
@@ -30,7 +35,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, engine: LLMEngine | None = None, **engine_kwargs: Any) -> None:
-        self.engine = engine or LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        """Build the engine from ``model`` and ``engine_kwargs`` (EngineConfig's fields), or use ``engine``.
+
+        Applies the engine config's ``threads`` first, so a bad value (ConfigError) fails
+        before the model loads.
+        """
+        config = engine.config if engine is not None else EngineConfig(model=model, **engine_kwargs)
+        self.threads = threads.apply(config.threads)  # the line describing the setting
+        self.engine = engine or LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._lock = threading.Lock()  # one generate() at a time on this engine
 

@@ -8,6 +8,7 @@ end with one ``error:`` line that says what was wrong.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,40 @@ def test_generate_jsonl_file_prints_json_lines_with_chat_prompts(tiny_model_dir:
         {"index": i, "text": o.text, "finish_reason": o.finish_reason, "num_tokens": len(o.token_ids)}
         for i, o in enumerate(outputs)
     ]
+
+
+def test_generate_verbose_ends_with_a_timing_line_on_stderr(tiny_model_dir: str, llm: LLM) -> None:
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", "--ignore-eos", "--verbose", PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    expected = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert result.stdout == expected.text + "\n"  # stdout is the answer alone
+    last = result.stderr.strip().splitlines()[-1]
+    number = r"[0-9]+(\.[0-9])?"
+    assert re.fullmatch(
+        rf"prompt {len(expected.prompt_token_ids)} tokens, output 8 tokens; TTFT {number} ms; prefill {number} tok/s; "
+        rf"decode {number} tok/s \(7 tokens in {number} ms\)",
+        last,
+    ), last
+
+
+def test_generate_verbose_on_a_batch_ends_with_its_totals(tiny_model_dir: str, llm: LLM, tmp_path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", "--verbose", "--file", str(path))
+    assert result.returncode == 0, result.stderr
+    outputs = greedy_texts(llm, PROMPTS, chat=False)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    output_tokens = sum(len(o.token_ids) for o in outputs)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"3 prompts: prompt {prompt_tokens} tokens, output {output_tokens} tokens in "), last
+    assert "output tok/s" in last and "mean TTFT" in last
+
+
+def test_generate_without_verbose_prints_only_the_thread_line_on_stderr(tiny_model_dir: str) -> None:
+    result = nanoserve("generate", "--model", tiny_model_dir, *GREEDY, "--raw", PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [result.stderr.splitlines()[0]]
+    assert result.stderr.startswith("threads: ")
 
 
 # --- errors --------------------------------------------------------------------------------
