@@ -74,6 +74,10 @@ class Scheduler:
                 self._trim_drafts(request, budget - n if n == 1 else 0)
             n = min(n + len(request.spec_token_ids), budget)
             while not self.kv.allocate_slots(request, n):
+                if request.spec_token_ids:  # drafts are given up before anyone is preempted
+                    n -= len(request.spec_token_ids)
+                    self._trim_drafts(request, 0)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
