@@ -9,7 +9,8 @@ compiles plain loops (``numba.njit``) for the kernels where that copy or a chain
 temporaries dominates, and takes the rest from the reference on purpose:
 
     compiled here         paged_attention (decodes read pages in place), store_kv,
-                          rms_norm, rope
+                          rms_norm, rope, apply_penalties (one pass, not a chain of
+                          temporaries)
     BLAS, reordered       linear: a decode batch's few rows go through (W @ x.T).T
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
     the reference's       the quantized linears (dequantize, then BLAS), silu_mul and
@@ -35,7 +36,7 @@ from kernels_cpu import compile_cache  # noqa: F401  (first: sets where compiled
 from kernels_cpu.attention import paged_attention, store_kv
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope
-from kernels_cpu.sampling import top_p_filter
+from kernels_cpu.sampling import apply_penalties, top_p_filter
 from kernels_ref import (
     attention,
     linear_int4,
@@ -50,6 +51,7 @@ from kernels_ref import (
 )
 
 __all__ = [
+    "apply_penalties",
     "attention",
     "linear",
     "linear_int4",

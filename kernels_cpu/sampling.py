@@ -1,4 +1,15 @@
-"""Top-p (nucleus) filtering without sorting the vocabulary (spec: kernels_ref.sampling).
+"""The sampler's kernels where NumPy does too much work (spec: kernels_ref.sampling).
+
+``apply_penalties``: the reference evaluates its formula as a chain of whole-array
+operations over [S, V] (masks, a where, products, differences), each writing a
+temporary. One compiled pass here reads each logit, its prompt flag and its output count
+once and writes the result, with the same float32 operations in the same order, so the
+output is the reference's bit for bit. No fastmath: fusing ``x - f * c`` into one
+multiply-add would round differently. On [32, 49152] with a few hundred seen tokens per
+row this took 1.8 ms against the reference's 29 ms, and 0.16 ms against 4.9 ms on
+[8, 49152] (a loop over both calls with ``time.perf_counter``, 2 shared cores).
+
+``top_p_filter``: top-p (nucleus) filtering without sorting the vocabulary.
 
 The reference sorts each row of 49152 logits (a stable argsort: ~5 ms a row, so ~160 ms
 for a batch of 32, as long as the whole forward pass) only to find where the cumulative
@@ -23,8 +34,50 @@ On SmolLM2's own logits (temperature 0.7-1.0, top_p 0.9-0.95, 96 rows) this took
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 FIRST_CANDIDATES = 128
+
+
+@njit(cache=True)
+def _penalise_rows(logits, prompt_mask, output_counts, presence, frequency, repetition, out):
+    # [S, V] f32, [S, V] bool, [S, V] i32, [S] f32 x3 -> out [S, V] f32 (written)
+    rows, vocab = logits.shape
+    for s in range(rows):
+        r, f, p = repetition[s], frequency[s], presence[s]
+        for v in range(vocab):
+            x = logits[s, v]
+            c = output_counts[s, v]
+            if c > 0:  # in the output: all three penalties
+                x = x / r if x > 0 else x * r
+                x = x - f * np.float32(c)
+                x = x - p
+            elif prompt_mask[s, v]:  # in the prompt only: the repetition penalty
+                x = x / r if x > 0 else x * r
+            out[s, v] = x
+
+
+def apply_penalties(
+    logits: np.ndarray,  # [S, V] float32
+    prompt_mask: np.ndarray,  # [S, V] bool
+    output_counts: np.ndarray,  # [S, V] int32
+    presence: np.ndarray,  # [S] float32
+    frequency: np.ndarray,  # [S] float32
+    repetition: np.ndarray,  # [S] float32
+) -> np.ndarray:  # [S, V] float32
+    """Penalise tokens already seen (vLLM's presence, frequency and repetition penalties)."""
+    out = np.empty(logits.shape, dtype=np.float32)
+    if out.size:
+        _penalise_rows(
+            np.ascontiguousarray(logits, dtype=np.float32),
+            np.ascontiguousarray(prompt_mask, dtype=np.bool_),
+            np.ascontiguousarray(output_counts, dtype=np.int32),
+            np.ascontiguousarray(presence, dtype=np.float32),
+            np.ascontiguousarray(frequency, dtype=np.float32),
+            np.ascontiguousarray(repetition, dtype=np.float32),
+            out,
+        )
+    return out
 
 
 def top_p_filter(logits: np.ndarray, top_p: np.ndarray) -> np.ndarray:  # [S, V], float [S] -> [S, V]

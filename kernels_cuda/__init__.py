@@ -12,8 +12,8 @@ signature and semantics (the property suite in ``tests/kernels`` and
 
 Modules, one kernel family each: ``norm`` (rms_norm), ``rope``, ``activation`` (silu_mul,
 softmax), ``linear`` (a tiled GEMM that dequantizes every weight format on the fly),
-``attention`` (store_kv, paged_attention, attention), ``sampling`` (top-k / top-p /
-min-p filters). ``ptx.compile_all`` compiles each kernel to PTX without a GPU.
+``attention`` (store_kv, paged_attention, attention), ``sampling`` (apply_penalties,
+top-k / top-p / min-p filters). ``ptx.compile_all`` compiles each kernel to PTX without a GPU.
 """
 
 from kernels_cuda._runtime import SIMULATOR, to_device, to_host, xp
@@ -29,10 +29,11 @@ from kernels_cuda.linear import (
 )
 from kernels_cuda.norm import rms_norm
 from kernels_cuda.rope import rope
-from kernels_cuda.sampling import min_p_filter, top_k_filter, top_p_filter
+from kernels_cuda.sampling import apply_penalties, min_p_filter, top_k_filter, top_p_filter
 
 __all__ = [
     "SIMULATOR",
+    "apply_penalties",
     "attention",
     "linear",
     "linear_int4",

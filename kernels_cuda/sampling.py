@@ -1,6 +1,14 @@
-"""Logit filters on the GPU: top-k, top-p (nucleus) and min-p, one thread block per row.
+"""The sampler's kernels on the GPU: repetition penalties, and the top-k, top-p and min-p filters.
 
-top-k and top-p need "the k-th largest logit" / "where the sorted cumulative mass
+``apply_penalties`` is element-wise: a grid-stride loop over the flattened [S, V], one
+logit per thread per step, each reading its own prompt flag and output count (the
+per-row penalties are three loads that every thread of a row shares through the cache).
+The operations are the reference's, in its order; the one difference a real GPU may make
+is the code generator fusing ``x - f * c`` into a multiply-add (the PTX has plain
+``mul.f32`` / ``sub.f32``, which ptxas may contract; rounded once, not twice), which is
+why its tolerance is a few float32 roundings rather than exact.
+
+The filters run one thread block per row. top-k and top-p need "the k-th largest logit" / "where the sorted cumulative mass
 crosses p", but a full sort of a 49152-entry row per sequence is the expensive way. Both
 kernels instead *bisect over the float's bit pattern*::
 
@@ -28,10 +36,63 @@ from typing import Any
 from numba import cuda, float32, float64, int64
 
 from kernels_cuda._reduce import block_max, block_sum
-from kernels_cuda._runtime import MAX_BLOCK_THREADS, block_threads, contiguous, require_device, xp
+from kernels_cuda._runtime import (
+    MAX_BLOCK_THREADS,
+    block_threads,
+    contiguous,
+    grid_stride_blocks,
+    require_device,
+    xp,
+)
 
 KEY_MIN = -(2**31)  # smallest int32 key
 KEY_END = 2**31  # one past the largest int32 key
+
+
+@cuda.jit
+def penalties_kernel(logits, prompt_mask, output_counts, presence, frequency, repetition, out):
+    # [S, V] f32, [S, V] bool, [S, V] i32, [S] f32 x3 -> out [S, V] f32
+    rows, vocab = logits.shape
+    for i in range(cuda.grid(1), rows * vocab, cuda.gridsize(1)):
+        s = i // vocab
+        v = i - s * vocab
+        x = logits[s, v]
+        c = output_counts[s, v]
+        if c > 0:  # in the output: all three penalties
+            r = repetition[s]
+            x = x / r if x > 0 else x * r
+            x = x - frequency[s] * float32(c)
+            x = x - presence[s]
+        elif prompt_mask[s, v]:  # in the prompt only: the repetition penalty
+            r = repetition[s]
+            x = x / r if x > 0 else x * r
+        out[s, v] = x
+
+
+def apply_penalties(
+    logits: Any,  # [S, V] float32
+    prompt_mask: Any,  # [S, V] bool
+    output_counts: Any,  # [S, V] int32
+    presence: Any,  # [S] float32
+    frequency: Any,  # [S] float32
+    repetition: Any,  # [S] float32
+) -> Any:  # [S, V] float32
+    """Penalise tokens already seen (vLLM's semantics); same contract as kernels_ref."""
+    require_device()
+    logits = contiguous(logits, xp.float32)
+    out = xp.empty_like(logits)
+    if out.size:
+        threads = block_threads(256)
+        penalties_kernel[grid_stride_blocks(out.size, threads), threads](
+            logits,
+            contiguous(prompt_mask, xp.bool_),
+            contiguous(output_counts, xp.int32),
+            contiguous(presence, xp.float32),
+            contiguous(frequency, xp.float32),
+            contiguous(repetition, xp.float32),
+            out,
+        )
+    return out
 
 
 @cuda.jit(device=True)

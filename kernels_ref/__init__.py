@@ -32,7 +32,7 @@ from kernels_ref.quant import (
     dequantize_q8_0,
 )
 from kernels_ref.rope import rope
-from kernels_ref.sampling import min_p_filter, top_k_filter, top_p_filter
+from kernels_ref.sampling import apply_penalties, min_p_filter, top_k_filter, top_p_filter
 
 #: The names every backend is measured against. A backend may implement a subset;
 #: nanoserve.kernels fills the rest from this package and says so.
@@ -50,6 +50,7 @@ KERNEL_NAMES: tuple[str, ...] = (
     "attention",
     "store_kv",
     "paged_attention",
+    "apply_penalties",
     "top_k_filter",
     "top_p_filter",
     "min_p_filter",
@@ -57,6 +58,7 @@ KERNEL_NAMES: tuple[str, ...] = (
 
 __all__ = [
     "KERNEL_NAMES",
+    "apply_penalties",
     "attention",
     "dequantize_int4",
     "dequantize_int8",

@@ -2,13 +2,33 @@
 
 Pipeline for one row of logits:
 
-    logits processors (masks) -> greedy argmax if temperature == 0, else:
+    logits processors (masks) -> penalties -> greedy argmax if temperature == 0, else:
     logits / temperature -> top-k filter -> top-p filter -> min-p filter -> softmax -> draw
+
+Penalties (vLLM's semantics: ``apply_penalties`` in vLLM's ``model_executor/layers/utils.py``,
+here the ``apply_penalties`` kernel of ``kernels_ref.sampling``) lower the logits of tokens
+the request has already seen, greedy rows included, so greedy decoding does not loop:
+
+    repetition_penalty  r in [0.01, 100], 1 = off: a logit of a token seen in the prompt
+                        *or* the output is divided by r if it is > 0, else multiplied by r
+                        (CTRL's penalty, as vLLM and HF transformers apply it; r < 1
+                        rewards repetition)
+    frequency_penalty   f in [-2, 2], 0 = off: minus f times the token's count in the output
+    presence_penalty    p in [-2, 2], 0 = off: minus p if the token occurs in the output
+                        (OpenAI's two, over the output only, as OpenAI and vLLM define
+                        them; negative values reward repetition)
+
+in that order: the repetition penalty first, on the logit as the logits processors left it.
+
+"The output" of logits row j of a request with n rows is :func:`row_history` (outputs and
+the drafts before row j), so every row of a speculative verification is penalised by
+exactly the history it predicts after. A batch in which no request uses a penalty skips
+all of this work.
 
 Each request owns a seeded ``numpy.random.Generator``, so a request's samples depend only
 on its own seed and its own logits, never on which other requests share the batch.
 Log-probabilities reported to the user are those of the raw model distribution
-(``log_softmax(logits)``), before logits processors, temperature and filters.
+(``log_softmax(logits)``), before logits processors, penalties, temperature and filters.
 :class:`Sampler` is the engine's sampler (:class:`nanoserve.interfaces.Sampler`, registered
 as ``"default"``).
 """
@@ -28,6 +48,8 @@ if TYPE_CHECKING:
     from nanoserve.request import Request
 
 GREEDY_BELOW = 1e-5
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # vLLM takes any r > 0; see SamplingParams.validate
 
 
 @dataclass
@@ -39,6 +61,9 @@ class SamplingParams:
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
+    presence_penalty: float = 0.0  # [-2, 2]; 0 = off: minus this if the token is in the output
+    frequency_penalty: float = 0.0  # [-2, 2]; 0 = off: minus this x the token's count in the output
+    repetition_penalty: float = 1.0  # [0.01, 100]; 1 = off: seen logits (prompt or output) / it if > 0, else x it
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, never included in the output
     stop_token_ids: list[int] = field(default_factory=list)
@@ -81,6 +106,17 @@ class SamplingParams:
         self.min_p = number("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", self.min_p, "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = number(name, getattr(self, name))
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                fail(name, value, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 means off)")
+            setattr(self, name, value)
+        # vLLM accepts any r > 0; the kernels work in float32, where r = 1e-45 turns a logit of
+        # 1 into inf and r = 1e39 is inf itself (0 x inf = nan): a range keeps every logit finite
+        self.repetition_penalty = number("repetition_penalty", self.repetition_penalty)
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            fail("repetition_penalty", self.repetition_penalty, f"must be in [{low:g}, {high:g}] (1 means off)")
         if self.seed is not None:
             self.seed = integer("seed", self.seed)
             if self.seed < 0:
@@ -108,6 +144,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures below 1e-5 act as 0: dividing by them would overflow float32 logits."""
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any of presence, frequency or repetition penalty is on."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def make_generator(self) -> np.random.Generator:
         """The request's private random stream (seeded if ``seed`` is set)."""
@@ -200,19 +241,50 @@ def row_history(request: Request, row: int, num_rows: int) -> list[int]:
     return tokens[: max(0, len(tokens) - num_rows + 1 + row)]
 
 
+def penalty_inputs(
+    prompts: list[list[int]],  # [P] token ids of each row's prompt
+    histories: list[list[int]],  # [P] output token ids each row has seen (its row_history)
+    params: list[SamplingParams],  # [P]
+    vocab: int,  # V
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arguments of the ``apply_penalties`` kernel for P rows, after the logits.
+
+    Returns prompt_mask [P, V] bool, output_counts [P, V] int32, and presence, frequency,
+    repetition [P] float32. Dense per row: a vocabulary of 49152 costs 240 KB a row.
+    """
+    rows = len(prompts)
+    prompt_mask = np.zeros((rows, vocab), dtype=bool)
+    output_counts = np.zeros((rows, vocab), dtype=np.int32)
+    for i, (prompt, history) in enumerate(zip(prompts, histories)):
+        prompt_mask[i, prompt] = True
+        if history:
+            output_counts[i] = np.bincount(history, minlength=vocab)
+    per_row = [
+        np.array([getattr(p, name) for p in params], dtype=np.float32)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+    ]
+    return prompt_mask, output_counts, per_row[0], per_row[1], per_row[2]
+
+
+def _host(a: Any) -> np.ndarray:
+    """A kernel's result on the host (a GPU backend with CuPy returns a device array)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
 class Sampler:
-    """The engine's sampler: each request's logits processors, then :func:`sample` per row.
+    """The engine's sampler: each request's logits processors, its penalties, then :func:`sample` per row.
 
     A processor must leave at least one finite logit in its row.
     """
 
     def __init__(self, kernels: Any) -> None:
-        self.kernels = kernels  # the backend's kernels (top_k_filter, top_p_filter, ...)
+        self.kernels = kernels  # the backend's kernels (apply_penalties, top_k_filter, ...)
 
     def process(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
     ) -> tuple[np.ndarray, list[Request]]:  # [R, V] -> processed [R, V], and each row's request
-        """Each request's logits processors, row by row (rows of a request see :func:`row_history`).
+        """Each request's logits processors, then its penalties, row by row (row j of a
+        request's n rows sees ``row_history(request, j, n)`` as its output tokens).
 
         Returns ``logits`` itself when nothing applies, else a processed copy.
         """
@@ -226,7 +298,28 @@ class Sampler:
                         processed = logits.copy()  # logprobs still come from the raw model output
                     processed[row] = processor(row_history(request, j, n), processed[row])
                 row += 1
+        if any(n and r.params.uses_penalties for r, n in zip(requests, num_logits)):
+            if processed is logits:
+                processed = logits.copy()
+            self._penalise(processed, requests, num_logits)
         return processed, rows
+
+    def _penalise(self, logits: np.ndarray, requests: list[Request], num_logits: list[int]) -> None:
+        """Apply the penalties, in place, to the rows of ``logits`` [R, V] of the requests that use them."""
+        penalised: list[int] = []  # row indices
+        prompts, histories, params = [], [], []
+        row = 0
+        for request, n in zip(requests, num_logits):
+            if request.params.uses_penalties:
+                for j in range(n):
+                    penalised.append(row + j)
+                    prompts.append(request.prompt_token_ids)
+                    histories.append(row_history(request, j, n))
+                    params.append(request.params)
+            row += n
+        if penalised:
+            inputs = penalty_inputs(prompts, histories, params, logits.shape[-1])
+            logits[penalised] = _host(self.kernels.apply_penalties(logits[penalised], *inputs))
 
     def sample(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]

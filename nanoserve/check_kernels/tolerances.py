@@ -39,6 +39,10 @@ class Tolerance:
 
 #: store_kv and the logit filters: copies and masks, any difference is a bug.
 EXACT = Tolerance(0.0, 0.0)
+#: apply_penalties: a division or product, then two multiply-subtracts, each rounded to
+#: float32 (a GPU compiler may fuse a multiply-subtract, rounding once where NumPy rounds
+#: twice; magnitude: :func:`penalty_magnitude`).
+PENALTY = Tolerance(0.0, 1e-6, "(|x|+|f|*count+|p|)")
 #: rms_norm, silu_mul, softmax: float32 element-wise math, different reduction order.
 CLOSE = Tolerance(1e-6, 1e-5)
 #: rope: a rotation mixes a head's entries (magnitude: :func:`rope_magnitude`).
@@ -63,6 +67,22 @@ def dot_magnitude(dequantize: Callable[..., np.ndarray]) -> Callable[[tuple, np.
         return np.abs(args[0].astype(np.float64)) @ np.abs(w).T
 
     return magnitude
+
+
+def penalty_magnitude(args: tuple, ref: np.ndarray) -> np.ndarray:  # -> [S, V]
+    """The size of the terms apply_penalties sums: ``|x| + |frequency| * count + |presence|``,
+    where x is the logit after the repetition penalty (a fused multiply-subtract rounds at
+    the scale of its product)."""
+    logits, prompt_mask, output_counts, presence, frequency, repetition = args
+    x = logits.astype(np.float64)
+    r = repetition.astype(np.float64)[:, None]
+    with np.errstate(invalid="ignore"):
+        x = np.where(prompt_mask | (output_counts > 0), np.where(x > 0, x / r, x * r), x)
+        return (
+            np.abs(x)
+            + np.abs(frequency.astype(np.float64))[:, None] * output_counts
+            + np.abs(presence.astype(np.float64))[:, None]
+        )
 
 
 def value_magnitude(position: int) -> Callable[[tuple, np.ndarray], float]:

@@ -8,7 +8,7 @@ One module per ``kernels_ref`` module, defining the specs of that module's kerne
     quant       (no kernel: random GGUF weights for the linear_q* cases)
     activation  silu_mul, softmax
     attention   attention, store_kv, paged_attention
-    sampling    top_k_filter, top_p_filter, min_p_filter
+    sampling    apply_penalties, top_k_filter, top_p_filter, min_p_filter
 
 ``draw`` holds what they share. :data:`SPECS` collects them all, by kernel name.
 """

@@ -1,7 +1,10 @@
-"""Cases for ``kernels_ref.sampling``: the top-k, top-p and min-p logit filters.
+"""Cases for ``kernels_ref.sampling``: the repetition penalties and the top-k, top-p and min-p filters.
 
 Logits come with ties (a coarse grid) and ``-inf`` entries; the per-row parameters reach
 the values that disable a filter (``top_k`` <= 0 or >= V, ``top_p`` >= 1, ``min_p`` <= 0).
+``apply_penalties`` gets logits of both signs and exact zeros, tokens seen in the prompt,
+the output, both or neither, counts up to a few hundred, and penalties that are off
+(1 / 0 / 0), in OpenAI's range [-2, 2] (negative ones reward repetition) and beyond.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 from nanoserve.check_kernels.cases.draw import case_rng, normal, seeds, strategies
 from nanoserve.check_kernels.limits import Limits
 from nanoserve.check_kernels.spec import KernelSpec
-from nanoserve.check_kernels.tolerances import EXACT
+from nanoserve.check_kernels.tolerances import EXACT, PENALTY, penalty_magnitude
 
 
 def _filter_params(limits: Limits, per_row: Callable[[int], Any], extra: dict | None = None) -> Any:
@@ -75,6 +78,44 @@ def _min_p_build(p: dict) -> tuple:  # -> logits [S, V], min_p [S]
     return _logits(p), np.array(p["values"], dtype=p["dtype"]).reshape(-1)
 
 
+def _penalties_params(limits: Limits) -> Any:
+    st = strategies()
+    row = st.fixed_dictionaries({
+        "presence": st.one_of(st.just(0.0), st.floats(-2.0, 2.0, width=32)),
+        "frequency": st.one_of(st.just(0.0), st.floats(-2.0, 2.0, width=32)),
+        "repetition": st.one_of(st.just(1.0), st.floats(0.0625, 3.0, width=32), st.floats(1.0, 1e3, width=32)),
+    })  # fmt: skip
+    return _filter_params(limits, lambda vocab: row, {
+        "seen": st.floats(0.0, 1.0),  # fraction of the vocabulary in the prompt, and in the output
+        "max_count": st.sampled_from([1, 3, 300]),
+    })  # fmt: skip
+
+
+def _penalties_build(p: dict) -> tuple:  # -> logits [S, V], prompt_mask [S, V], output_counts [S, V], 3 x [S]
+    logits = _logits(p)
+    rng = np.random.default_rng(p["seed"] + 1)
+    logits[rng.random(logits.shape) < 0.1] = 0.0  # neither > 0 nor < 0
+    prompt_mask = rng.random(logits.shape) < p["seen"]
+    in_output = rng.random(logits.shape) < p["seen"]
+    output_counts = np.where(in_output, rng.integers(1, p["max_count"] + 1, logits.shape), 0).astype(np.int32)
+    presence, frequency, repetition = (
+        np.array([row[name] for row in p["values"]], dtype=np.float32)
+        for name in ("presence", "frequency", "repetition")
+    )
+    return logits, prompt_mask, output_counts, presence, frequency, repetition
+
+
+def _penalties_edge_cases(limits: Limits) -> list[dict]:
+    base = {"ties": False, "neg_inf": True, "seed": 0, "seen": 0.5, "max_count": 3}
+    off = {"presence": 0.0, "frequency": 0.0, "repetition": 1.0}
+    strong = {"presence": 2.0, "frequency": -2.0, "repetition": 1.5}
+    return [
+        {**base, "vocab": 5, "values": []},
+        {**base, "vocab": 7, "values": [off, strong]},
+        {**base, "vocab": 1, "values": [strong], "seen": 1.0},
+    ]
+
+
 def _filter_edge_cases(per_row: Any) -> Callable[[Limits], list[dict]]:
     def cases(limits: Limits) -> list[dict]:
         base = {"ties": False, "neg_inf": False, "seed": 0}
@@ -88,6 +129,8 @@ def _with_dtype(cases: Callable[[Limits], list[dict]]) -> Callable[[Limits], lis
 
 
 SPECS: list[KernelSpec] = [
+    KernelSpec("apply_penalties", _penalties_params, _penalties_build, PENALTY,
+               magnitude=penalty_magnitude, edge_cases=_penalties_edge_cases),
     KernelSpec("top_k_filter", _top_k_params, _top_k_build, EXACT, edge_cases=_filter_edge_cases(1)),
     KernelSpec("top_p_filter", _top_p_params, _top_p_build, EXACT, edge_cases=_filter_edge_cases(0.5)),
     KernelSpec("min_p_filter", _min_p_params, _min_p_build, EXACT,
