@@ -5,11 +5,15 @@
     GET  /v1/models             the served model
     GET  /health                200 while the engine thread runs
     GET  /metrics               Prometheus text
+    GET  /openapi.json          the API's schema (needs the API key when one is set)
 
 A handler validates, tokenizes and submits (one engine request per choice), then either
 collects the final outputs or streams Server-Sent Events (``data: {chunk}`` lines, then
 ``data: [DONE]``). Whichever way a response ends -- finished, failed, or the client gone --
-its unfinished engine requests are aborted, which frees their KV blocks at once.
+its unfinished engine requests are aborted, which frees their KV blocks at once. Templating
+and tokenizing run in a worker thread, so a long prompt never holds the event loop (and
+``/health``) while it is tokenized. A request whose client left before its answer gets no
+response, so uvicorn writes no access line for it; :func:`log_abandoned` writes one (499).
 
 Every error is answered as ``{"error": {"message", "type", "param", "code"}}`` with its
 status: 400 invalid request, 401 bad API key, 403 a Host header this server does not answer
@@ -65,6 +69,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_LIMIT_BYTES = 16 << 20  # read (and drop) at most this much of a too-large body: the client sees the 413
 SHUTTING_DOWN = "the request was aborted: the server is shutting down"
 CLIENT_CLOSED = 499  # the status of a request whose client went away before its answer (nginx's)
+access_logger = logging.getLogger("uvicorn.access")  # uvicorn's access log (off with --no-access-log)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -126,7 +131,10 @@ def create_app(
             if owns:
                 await asyncio.to_thread(async_engine.stop)
 
-    app = FastAPI(title="nanoserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no /docs or /redoc; /openapi.json is a route of its own, behind the key (see _add_routes)
+    app = FastAPI(
+        title="nanoserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = state
     _add_middleware(app, state, list(allowed_origins))
     _add_error_handlers(app, state)
@@ -219,7 +227,7 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(ClientDisconnect)
     async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
         state.metrics.http_errors.labels(str(CLIENT_CLOSED)).inc()
-        return Response(status_code=CLIENT_CLOSED)  # nobody to read it
+        return _abandoned(request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -332,6 +340,46 @@ def _check_model(state: ServerState, model: str | None) -> str:
             param="model",
         )
     return state.model_id
+
+
+def log_abandoned(request: Request) -> None:
+    """The access line uvicorn would write for this request, with status 499 (client gone).
+
+    uvicorn writes its line when the response starts, and drops the response of a client
+    that has disconnected, so without this an abandoned request would leave no line at all.
+    """
+    scope = request.scope
+    client = scope.get("client")
+    query = scope.get("query_string", b"").decode("latin-1")
+    path = scope.get("root_path", "") + scope["path"] + (f"?{query}" if query else "")
+    access_logger.info(
+        '%s - "%s %s HTTP/%s" %d',
+        f"{client[0]}:{client[1]}" if client else "-",
+        scope["method"],
+        path,
+        scope.get("http_version", "1.1"),
+        CLIENT_CLOSED,
+    )
+
+
+def _abandoned(request: Request) -> Response:
+    """The response of a request whose client left: logged (:func:`log_abandoned`), read by nobody."""
+    log_abandoned(request)
+    return Response(status_code=CLIENT_CLOSED)
+
+
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    """The templated prompt and its token ids (slow for a long prompt: run it off the event loop)."""
+    prompt = _render_chat(state, req)
+    return prompt, state.engine.tokenizer.encode(prompt)
+
+
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids and text (slow for a long prompt: run it off the event loop)."""
+    tok = state.engine.tokenizer
+    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
+    texts = [p if isinstance(p, str) else _decode(tok, p) for p in req.prompt]
+    return prompts, texts
 
 
 def _render_chat(state: ServerState, req: ChatCompletionRequest) -> str:
@@ -464,6 +512,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        _authorize(request, state)
+        return JSONResponse(app.openapi())
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
         _authorize(request, state)
@@ -480,8 +533,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _authorize(request, state)
         req = proto.parse_request(ChatCompletionRequest, await _json_body(request, state))
         model = _check_model(state, req.model)
-        prompt = _render_chat(state, req)
-        job = await _submit(state, req, [state.engine.tokenizer.encode(prompt)], [prompt], model, "chatcmpl")
+        prompt, ids = await asyncio.to_thread(_chat_prompt, state, req)
+        job = await _submit(state, req, [ids], [prompt], model, "chatcmpl")
         return await _answer(request, ChatShape(req, job, state.token_text))
 
     @app.post("/v1/completions")
@@ -489,9 +542,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _authorize(request, state)
         req = proto.parse_request(CompletionRequest, await _json_body(request, state))
         model = _check_model(state, req.model)
-        tok = state.engine.tokenizer
-        prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompt]
-        texts = [p if isinstance(p, str) else _decode(tok, p) for p in req.prompt]
+        prompts, texts = await asyncio.to_thread(_completion_prompts, state, req)
         job = await _submit(state, req, prompts, texts, model, "cmpl")
         return await _answer(request, CompletionShape(req, job, state.token_text))
 
@@ -520,7 +571,7 @@ async def _answer(request: Request, shape: ChatShape | CompletionShape) -> Respo
         return EventStream(_events(shape), shape.job.stream)
     finals = await _collect(request, shape.job)
     if finals is None:
-        return Response(status_code=CLIENT_CLOSED)
+        return _abandoned(request)
     _check_finals(finals)
     return JSONResponse(response(shape, finals))
 

@@ -77,9 +77,14 @@ class RunningServer:
 
 @contextmanager
 def serve_tiny(
-    model_dir: str, engine_kwargs: dict[str, Any] | None = None, **app_kwargs: Any
+    model_dir: str,
+    engine_kwargs: dict[str, Any] | None = None,
+    server_kwargs: dict[str, Any] | None = None,
+    **app_kwargs: Any,
 ) -> Iterator[RunningServer]:
-    """A server over a fresh engine on the tiny model; stopped (and its engine thread) on exit."""
+    """A server over a fresh engine on the tiny model; stopped (and its engine thread) on exit.
+
+    ``server_kwargs`` go to :class:`ServerThread` (uvicorn's connection limits), the rest to ``create_app``."""
     config = {"model": model_dir, "num_blocks": 128, "max_num_seqs": 32, **(engine_kwargs or {})}
     async_engine = AsyncEngine(
         LLMEngine(EngineConfig(**config)), max_waiting=app_kwargs.pop("max_waiting", None)
@@ -87,7 +92,7 @@ def serve_tiny(
     app_kwargs.setdefault("max_body_bytes", TEST_MAX_BODY_BYTES)
     app = create_app(async_engine, **app_kwargs)
     try:
-        with ServerThread(app) as server:
+        with ServerThread(app, **(server_kwargs or {})) as server:
             api_key = app_kwargs.get("api_key") or "unused"
             yield RunningServer(server.url, app.state.server.model_id, async_engine, api_key, app)
     finally:
