@@ -8,7 +8,10 @@ a client always learns *which* field was wrong and why:
                "type": "invalid_request_error", "param": "temperature", "code": null}}
 
 Unknown fields are ignored (clients send many optional ones); known but unsupported
-features with a non-default value (``tools``, ``logit_bias``, penalties) are refused.
+features with a non-default value (``tools``, ``logit_bias``) are refused. The penalties
+are OpenAI's ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) and vLLM's
+``repetition_penalty`` extension ([0.01, 100], 1 = off), with vLLM's semantics
+(:mod:`nanoserve.sampling`).
 This module knows nothing of HTTP routing or of the engine thread: it maps JSON to
 :class:`SamplingParams` and engine outputs back to JSON-ready dicts.
 """
@@ -23,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nanoserve.errors import NanoserveError
 from nanoserve.output import RequestOutput
-from nanoserve.sampling import GREEDY_BELOW, SampleResult, SamplingParams
+from nanoserve.sampling import (
+    GREEDY_BELOW,
+    MAX_PENALTY,
+    REPETITION_PENALTY_RANGE,
+    SampleResult,
+    SamplingParams,
+)
 from nanoserve.tokenizer import Tokenizer, token_bytes
 
 MAX_CHOICES = 16  # n (times the number of prompts) per request
@@ -125,8 +134,11 @@ class _SamplingFields(_Strict):
     ignore_eos: bool | None = None  # extension (vLLM)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(  # extension (vLLM): 1 = off
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
 
@@ -141,13 +153,6 @@ class _SamplingFields(_Strict):
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("is not supported by nanoserve; leave it out or send 0")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -317,6 +322,9 @@ def sampling_params(req: _SamplingFields, max_tokens: int, choice: int) -> Sampl
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         seed=seed,
         stop=list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []),
