@@ -78,3 +78,40 @@ def test_kernels_a_backend_lacks_are_reported_as_reference() -> None:
     register_backend("test-only-softmax", types.SimpleNamespace(softmax=kernels_ref.softmax))
     report = check_kernel("test-only-softmax", "rms_norm")
     assert report.status == "ref" and report.passed and report.examples == 0
+
+
+def _penalties_with(*, prompt_counts: bool = True, fused: bool = False):
+    """apply_penalties written per element, with the prompt ignored or the multiply-subtract fused."""
+
+    def apply_penalties(logits, prompt_mask, output_counts, presence, frequency, repetition):  # [S, V] -> [S, V]
+        seen = (prompt_mask if prompt_counts else np.zeros_like(prompt_mask)) | (output_counts > 0)
+        r = repetition.astype(np.float32)[:, None]
+        x = np.where(seen, np.where(logits > 0, logits / r, logits * r), logits)
+        if fused:  # x - f * c rounded once, as a GPU's fused multiply-add does
+            x = (x.astype(np.float64) - frequency[:, None].astype(np.float64) * output_counts).astype(np.float32)
+        else:
+            x = x - frequency[:, None] * output_counts.astype(np.float32)
+        return (x - presence[:, None] * (output_counts > 0).astype(np.float32)).astype(np.float32)
+
+    return apply_penalties
+
+
+def test_a_repetition_penalty_that_ignores_the_prompt_fails() -> None:
+    import types
+
+    from nanoserve.kernels import register_backend
+
+    register_backend("test-penalties-output-only", types.SimpleNamespace(apply_penalties=_penalties_with(prompt_counts=False)))
+    report = check_kernel("test-penalties-output-only", "apply_penalties", max_examples=50)
+    assert report.status == "FAIL", "the suite missed a penalty that ignores the prompt"
+
+
+def test_a_fused_multiply_subtract_is_within_the_penalty_tolerance() -> None:
+    import types
+
+    from nanoserve.kernels import register_backend
+
+    register_backend("test-penalties-fused", types.SimpleNamespace(apply_penalties=_penalties_with(fused=True)))
+    report = check_kernel("test-penalties-fused", "apply_penalties", max_examples=100)
+    assert report.status == "pass", report.describe_failure()
+    assert report.max_abs_error > 0  # it does round differently: the tolerance is needed
