@@ -30,8 +30,13 @@ from nanoserve import config, threads
 from nanoserve.config import EngineConfig, ServerConfig
 from nanoserve.errors import NanoserveError
 
+#: chat's default repetition penalty: mild, as Ollama's ``repeat_penalty`` default (1.1), so a small
+#: model at low temperature does not loop; applied as vLLM does, over prompt and output tokens.
+CHAT_REPETITION_PENALTY = 1.1
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7) -> None:
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.7, repetition_penalty: float = 1.0) -> None:
+    """The sampling flags (SamplingParams' fields); ``chat`` passes its own defaults."""
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default: 256)")
     g.add_argument("--temperature", type=float, default=temperature, help=f"randomness; 0 = greedy, always the most likely token (default: {temperature})")
@@ -41,6 +46,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop when this text appears (not included in the output); repeatable")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]: minus this from the logit of every token already in the output (OpenAI's); 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]: minus this times the token's count in the output (OpenAI's); 0 = off")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=repetition_penalty,
+        help=f"in [0.01, 100]: divide a positive logit (multiply a negative one) of every token seen in the prompt or output by this (vLLM's); 1 = off (default: {repetition_penalty:g})",
+    )
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
@@ -55,6 +66,9 @@ def sampling_params(args: argparse.Namespace) -> Any:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -363,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     chat.add_argument("--verbose", action="store_true", help="after every answer, a stderr line: its tokens, TTFT and tok/s (as /stats)")
     config.add_arguments(chat, EngineConfig, "model and engine")
-    add_sampling_arguments(chat)
+    add_sampling_arguments(chat, repetition_penalty=CHAT_REPETITION_PENALTY)
     chat.set_defaults(func=cmd_chat)
 
     from nanoserve import check_kernels

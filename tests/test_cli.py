@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 
 from nanoserve import LLM, SamplingParams
+from nanoserve.cli import CHAT_REPETITION_PENALTY, build_parser, sampling_params
 
 GREEDY = ["--temperature", "0", "--max-tokens", "8"]
 PROMPTS = ["Hello world", "The quick brown fox", "Paris is the capital of"]
-SAMPLING_FLAGS = ["--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--stop", "--ignore-eos"]
+SAMPLING_FLAGS = [
+    "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--stop", "--ignore-eos",
+    "--presence-penalty", "--frequency-penalty", "--repetition-penalty",
+]
 
 
 def nanoserve(*args: str) -> subprocess.CompletedProcess:
@@ -128,6 +132,28 @@ def test_generate_without_verbose_prints_only_the_thread_line_on_stderr(tiny_mod
     assert result.stderr.startswith("threads: ")
 
 
+def test_penalty_flags_reach_the_sampler_as_the_llm_api_applies_them(tiny_model_dir: str, llm: LLM) -> None:
+    flags = ["--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "0.25"]
+    result = nanoserve("generate", "--model", tiny_model_dir, "--temperature", "0", "--max-tokens", "16", "--ignore-eos", "--raw", *flags, PROMPTS[1])
+    assert result.returncode == 0, result.stderr
+    params = dict(temperature=0, max_tokens=16, ignore_eos=True)
+    penalised = llm.generate(PROMPTS[1:2], SamplingParams(**params, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25), use_tqdm=False)[0]
+    plain = llm.generate(PROMPTS[1:2], SamplingParams(**params), use_tqdm=False)[0]
+    assert result.stdout == penalised.text + "\n"
+    assert penalised.token_ids != plain.token_ids  # the flags really changed what was generated
+
+
+def test_chat_has_a_mild_default_repetition_penalty_and_generate_none() -> None:
+    chat = sampling_params(build_parser().parse_args(["chat"]))
+    generate = sampling_params(build_parser().parse_args(["generate", "hi"]))
+    assert chat.repetition_penalty == CHAT_REPETITION_PENALTY == 1.1
+    assert generate.repetition_penalty == 1.0
+    assert (chat.presence_penalty, chat.frequency_penalty) == (generate.presence_penalty, generate.frequency_penalty) == (0.0, 0.0)
+    assert sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "1"])).repetition_penalty == 1.0
+    help_text = " ".join(nanoserve("chat", "--help").stdout.split())
+    assert "(vLLM's); 1 = off (default: 1.1)" in help_text
+
+
 # --- errors --------------------------------------------------------------------------------
 # One error runs as a subprocess (the real exit status); the others call the same main()
 # in-process, which returns the status the process exits with.
@@ -169,6 +195,9 @@ def test_prompt_longer_than_the_context_exits_2(tiny_model_dir: str) -> None:
         (["--min-p", "2"], ["min_p"]),
         (["--max-tokens", "0"], ["max_tokens"]),
         (["--temperature", "warm"], ["--temperature", "invalid float value"]),
+        (["--repetition-penalty", "0"], ["repetition_penalty", "[0.01, 100]"]),
+        (["--presence-penalty", "3"], ["presence_penalty", "[-2, 2]"]),
+        (["--frequency-penalty", "-2.5"], ["frequency_penalty", "[-2, 2]"]),
     ],
 )
 def test_bad_sampling_flags_exit_2_with_an_error_naming_the_parameter(
@@ -203,7 +232,7 @@ def test_generate_help_mentions_every_sampling_flag() -> None:
 
 
 def test_chat_repl_answers_keeps_history_and_exits_on_command(tiny_model_dir: str, llm: LLM) -> None:
-    params = SamplingParams(temperature=0, max_tokens=6)
+    params = SamplingParams(temperature=0, max_tokens=6, repetition_penalty=CHAT_REPETITION_PENALTY)  # chat's default
     first = llm.chat([{"role": "user", "content": "hello"}], params)[0].text
     second = llm.chat(
         [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}, {"role": "user", "content": "again"}], params
