@@ -16,7 +16,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from numba import cuda, float32, float64, int8, int32, int64, uint8
+from numba import boolean, cuda, float32, float64, int8, int32, int64, uint8
 from numba.core.types import float16
 
 from kernels_cuda._runtime import SIMULATOR
@@ -25,7 +25,7 @@ from kernels_cuda.attention import paged_attention_kernel, store_kv_kernel
 from kernels_cuda.linear import linear_kernel
 from kernels_cuda.norm import rms_norm_kernel
 from kernels_cuda.rope import rope_kernel
-from kernels_cuda.sampling import min_p_kernel, top_k_kernel, top_p_kernel
+from kernels_cuda.sampling import min_p_kernel, penalties_kernel, top_k_kernel, top_p_kernel
 
 F32_1, F32_2, F32_3, F32_4 = float32[::1], float32[:, ::1], float32[:, :, ::1], float32[:, :, :, ::1]
 I64_1, I64_2 = int64[::1], int64[:, ::1]
@@ -55,6 +55,7 @@ def kernel_signatures() -> list[tuple[str, Any, tuple]]:
         ("top_p_filter", top_p_kernel, (F32_2, int32[:, ::1], float64[::1], float64[:, ::1], F32_2)),
         ("min_p_filter[f32]", min_p_kernel, (F32_2, F32_1, F32_1, F32_2)),
         ("min_p_filter[f64]", min_p_kernel, (F32_2, float64[::1], float64[::1], F32_2)),
+        ("apply_penalties", penalties_kernel, (F32_2, boolean[:, ::1], int32[:, ::1], F32_1, F32_1, F32_1, F32_2)),
     ]
 
 

@@ -6,7 +6,8 @@
       |           |-- BlockAllocator   ref-counted block ids
       |           `-- PrefixCache      cached blocks by their tokens (the allocator's Evictor), or none
       |-- ModelRunner ------------ one ragged forward pass (not swappable: it is the model)
-      `-- Sampler ---------------- logits rows -> tokens, per request
+      |-- Sampler ---------------- logits rows -> tokens, per request
+      `-- Speculator ------------- drafts for decoding requests (nanoserve.spec), when configured
 
 Each contract is a ``typing.Protocol``: an implementation need not inherit from it, it only
 has to have the methods (``nanoserve.components.require`` checks that, naming what is
@@ -266,9 +267,14 @@ class Sampler(Protocol):
     Contract: ``sample(logits, requests, num_logits)`` gets the rows of every request in
     batch order (``num_logits[i]`` rows for ``requests[i]``, possibly 0) and returns, per
     request, one :class:`~nanoserve.sampling.SampleResult` per row. Each request's
-    ``params.logits_processors`` are applied to its rows first, before the greedy argmax
-    shortcut. A request's draws use only its own ``generator``, so they never depend on the
-    rest of the batch.
+    ``params.logits_processors`` are applied to its rows first, then its presence, frequency
+    and repetition penalties, both before the greedy argmax shortcut; row j of a request's n
+    rows sees the outputs before it (:func:`nanoserve.sampling.row_history`). A request's
+    draws use only its own ``generator``, so they never depend on the rest of the batch.
+
+    Speculative decoding (``nanoserve.spec.RejectionSampler``) wraps the configured sampler
+    and also needs its ``process(logits, requests, num_logits)``: the processed rows, from
+    which the target distribution of each draft is computed.
     """
 
     def sample(
