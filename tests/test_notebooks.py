@@ -46,3 +46,8 @@ def test_notebook_03_continuous_batching_runs_without_errors(monkeypatch: pytest
 
 def test_notebook_05_prefix_cache_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert execute_notebook("05_prefix_cache.ipynb", monkeypatch) == []
+
+
+@pytest.mark.real_model
+def test_notebook_06_speculative_decoding_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert execute_notebook("06_speculative_decoding.ipynb", monkeypatch) == []
