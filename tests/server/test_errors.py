@@ -52,7 +52,7 @@ def post(server: RunningServer, path: str, body: Any, **kwargs: Any) -> httpx.Re
         (CHAT, {**OK_CHAT, "stream": "yes"}, "stream"),
         (CHAT, {**OK_CHAT, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
         (CHAT, {**OK_CHAT, "top_logprobs": 2}, "top_logprobs"),
-        (CHAT, {**OK_CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+        (CHAT, {**OK_CHAT, "presence_penalty": 2.5}, "presence_penalty"),  # in [-2, 2]
         (CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, "tools"),
         (CHAT, {**OK_CHAT, "seed": "42"}, "seed"),
         (COMPLETIONS, {"max_tokens": 2}, "prompt"),
