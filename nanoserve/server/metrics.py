@@ -79,8 +79,21 @@ class _EngineCollector:
                 cache.num_evicted_blocks,
             ),
         }
+        spec = s.spec_decoding  # vLLM's speculative-decoding counters (all 0 with speculation off)
+        counters |= {
+            "nanoserve_spec_decode_num_drafts": ("Verifications of a request's drafts.", spec.num_drafts),
+            "nanoserve_spec_decode_num_draft_tokens": ("Drafted tokens verified.", spec.num_draft_tokens),
+            "nanoserve_spec_decode_num_accepted_tokens": ("Drafted tokens accepted.", spec.num_accepted_tokens),
+        }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        per_pos = CounterMetricFamily(
+            "nanoserve_spec_decode_num_accepted_tokens_per_pos", "Drafted tokens accepted, by draft position.",
+            labels=["position"],
+        )
+        for position, value in enumerate(spec.num_accepted_tokens_per_pos):
+            per_pos.add_metric([str(position)], value)
+        yield per_pos
 
 
 class ServerMetrics:
