@@ -167,15 +167,23 @@ def test_stop_token_stop_string_and_max_tokens_inside_a_draft(tiny_loaded, tiny_
     k=st.integers(1, 6),
     budget=st.integers(4, 40),
     method=st.sampled_from(["ngram", "draft"]),
+    prefix_cache=st.sampled_from(["radix", "hash", "none"]),
+    sampled_row=st.integers(0, 3),
 )
-def test_greedy_identical_on_random_cases(tiny_loaded, draft_dir, prompts, k, budget, method):
-    params = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
-    base = generate(engine(tiny_loaded, max_num_batched_tokens=budget, prompt_lookup_min=1), prompts, params)
-    eng = engine(
-        tiny_loaded, speculative=method, num_speculative_tokens=k, max_num_batched_tokens=budget,
-        prompt_lookup_min=1, draft_model=draft_dir, draft_weights="fp32",
-    )
-    assert generate(eng, prompts, params) == base
+def test_greedy_identical_on_random_cases(tiny_loaded, draft_dir, prompts, k, budget, method, prefix_cache, sampled_row):
+    """Random prompts (repeated, so the prefix cache hits), budgets and k; one request samples
+    at random in the same batch: the greedy ones still get plain decoding's tokens."""
+    prompts = prompts + prompts[:1]
+    params = [SamplingParams(temperature=0, max_tokens=17, ignore_eos=True) for _ in prompts]
+    if sampled_row < len(prompts):
+        params[sampled_row] = SamplingParams(temperature=1.0, max_tokens=17, ignore_eos=True, seed=7)
+    common = {"max_num_batched_tokens": budget, "prompt_lookup_min": 1, "prefix_cache": prefix_cache, "num_blocks": 64, "block_size": 4}
+    base = generate(engine(tiny_loaded, **common), prompts, params)
+    eng = engine(tiny_loaded, speculative=method, num_speculative_tokens=k, draft_model=draft_dir, draft_weights="fp32", **common)
+    got = generate(eng, prompts, params)
+    for i, p in enumerate(params):
+        if p.greedy:
+            assert got[i] == base[i]
 
 
 # --- verification logits and the K/V after rejection ----------------------------------------
