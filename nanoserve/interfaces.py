@@ -62,6 +62,11 @@ class Evictor(Protocol):
         """The pool is handing out ``block``, which was free: it no longer holds cached K/V."""
         ...
 
+    def indexes(self, block: int) -> bool:
+        """Whether ``block``, just freed, still holds K/V the cache can hand out again (the
+        second design): the pool then keeps it free as long as it can."""
+        ...
+
 
 class BlockAllocator(Protocol):
     """A fixed set of ``num_blocks`` KV blocks, handed out by id and reference-counted.

@@ -141,6 +141,9 @@ class HoldingCache:
     def forget(self, block: int) -> None:
         assert block not in self.held, "the pool handed out a block the cache still holds"
 
+    def indexes(self, block: int) -> bool:
+        return False  # it holds references: a freed block is never one of its own
+
 
 def test_allocation_evicts_from_the_evictor_only_when_the_free_list_runs_short():
     pool = BlockPool(6)

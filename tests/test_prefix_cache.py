@@ -340,3 +340,21 @@ def test_cached_and_recomputed_positions_give_the_same_logits(tiny_loaded):
         logits[cache] = (tokens, np.concatenate(seen))
     assert logits["radix"][0] == logits["none"][0]
     np.testing.assert_allclose(logits["radix"][1], logits["none"][1], atol=1e-4, rtol=1e-4)
+
+
+def test_hash_cache_reuses_uncached_free_blocks_before_cached_ones():
+    """Two finished requests leave each a cached full block and an uncached partial one: new
+    allocations take the partial ones first, and both cached blocks survive."""
+    from nanoserve.cache.block_pool import BlockPool
+    from nanoserve.cache.hash_cache import HashPrefixCache
+
+    pool = BlockPool(4)
+    cache = HashPrefixCache(pool, block_size=4)
+    for tokens in ([1, 2, 3, 4], [5, 6, 7, 8]):
+        table = pool.allocate(2)  # a full block, then a partial one
+        cache.insert(tokens, table[:1])
+        pool.free(list(reversed(table)))
+    pool.allocate(2)
+    assert cache.match_prefix([1, 2, 3, 4, 0]).num_tokens == 4
+    assert cache.match_prefix([5, 6, 7, 8, 0]).num_tokens == 4
+    assert cache.stats().num_evicted_blocks == 0

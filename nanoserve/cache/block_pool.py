@@ -9,7 +9,8 @@ Invariants (``check_invariants``):
   * the free list holds no duplicates.
 
 The free list is ordered least-recently-freed first, so allocation reuses the block
-that has been free the longest (a prefix cache can still find the recently freed ones).
+that has been free the longest (a prefix cache can still find the recently freed ones);
+a freed block holding nothing cached goes to the front, to be reused before those.
 When the free list runs short, ``allocate`` asks its *evictor* (a prefix cache holding
 blocks nobody else uses; ``set_evictor``) to free the difference first.
 
@@ -80,13 +81,16 @@ class BlockPool:
         self.refcount[block] += 1
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks reaching 0 go to the back of the free list."""
+        """Drop one reference to each block. A block reaching 0 goes to the back of the free list,
+        or, with an evictor that does not index its K/V, to the front (nothing there to keep)."""
         for block in blocks:
             if self.refcount[block] <= 0:
                 raise NanoserveError(f"double free of block {block}")
             self.refcount[block] -= 1
             if self.refcount[block] == 0:
                 self.free_blocks[block] = None
+                if self.evictor is not None and not self.evictor.indexes(block):
+                    self.free_blocks.move_to_end(block, last=False)
 
     def check_invariants(self, holders: dict[int, int] | None = None) -> None:
         """Assert the pool's invariants; ``holders`` (block -> number of tables) must match refcounts."""

@@ -11,7 +11,8 @@ tokens, and a lookup compares them, so a hash collision can never hand out the w
 Lazy eviction: the cache holds no reference to its blocks. When the last request using a
 cached block frees it, the block goes to the back of the pool's LRU free list *still
 indexed*: free, yet valid, and found by the next lookup (``share`` takes it back off the
-free list). Only when ``allocate`` hands that block out again does the pool tell the cache
+free list). A freed block the cache does not index (a request's partial last block) goes
+to the front instead, so it is reused before any cached one. Only when ``allocate`` hands that block out again does the pool tell the cache
 (``forget``), and the entry is dropped then. The least recently freed cached block is
 therefore the first to go, and nothing is evicted until memory is actually needed.
 
@@ -93,6 +94,10 @@ class HashPrefixCache:
         if entry is not None:
             del self.cached[entry[0]]
             self.num_evicted += 1
+
+    def indexes(self, block: int) -> bool:
+        """Whether the freed ``block`` is cached: then it waits at the back of the free list."""
+        return block in self.entries
 
     # --- reporting and invariants ---------------------------------------------------------------------
     def cached_blocks(self) -> dict[int, bool]:

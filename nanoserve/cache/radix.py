@@ -157,6 +157,10 @@ class RadixCache:
     def forget(self, block: int) -> None:
         """The tree never holds a free block, so a block the pool hands out is never one of its own."""
 
+    def indexes(self, block: int) -> bool:
+        """Never: a block the tree keeps is held, so a block reaching the free list is not cached."""
+        return False
+
     # --- helpers -----------------------------------------------------------------------------
     def _common_blocks(self, key: tuple[int, ...], tokens: list[int], start: int, end: int) -> int:
         """How many whole blocks of ``key`` equal ``tokens[start:end]`` from its start."""
