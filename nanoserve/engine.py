@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoserve import components
+from nanoserve import components, threads
 from nanoserve.cache.paged import PagedKVCache, bytes_per_block
 from nanoserve.config import SPECULATIVE_METHODS, EngineConfig
 from nanoserve.errors import (
@@ -110,6 +110,7 @@ class LLMEngine:
         config = config or EngineConfig(**kwargs)
         check_config(config)  # before the model loads: a bad flag fails in a moment
         self.config = config
+        self.threads = threads.apply(config.threads)  # BLAS threads, by the policy (nanoserve.threads)
         loaded = loaded or load_checkpoint(config.model, config.weights)
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer

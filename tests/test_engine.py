@@ -337,3 +337,17 @@ def test_real_model_batch_equals_each_prompt_alone(smollm2_loaded):
         alone = LLMEngine(loaded=smollm2_loaded, num_blocks=16)
         one = alone.add_request(prompt, params)
         assert run_to_completion(alone)[one].token_ids == batched[rid].token_ids
+
+
+def test_building_an_engine_applies_the_thread_policy(tiny_loaded):
+    """An engine used without LLM or the CLI (the benches, notebooks) still gets the policy's BLAS threads."""
+    from threadpoolctl import threadpool_info
+
+    from nanoserve import threads
+
+    try:
+        engine = LLMEngine(backend="ref", threads=1, loaded=tiny_loaded)
+        assert engine.threads == threads.describe()
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+    finally:
+        threads.apply(None)
