@@ -277,6 +277,18 @@ class Sampler(Protocol):
     rows sees the outputs before it (:func:`nanoserve.sampling.row_history`). A request's
     draws use only its own ``generator``, so they never depend on the rest of the batch.
 
+    Structured output: a constrained request's rows are masked by its automaton (forbidden
+    tokens -inf, EOS only where the answer is complete) after its logits processors and
+    before its penalties. Its results may be followed by *forced* tokens (jump-forward:
+    :mod:`nanoserve.structured`): where the constraint allows exactly one next token, it is
+    appended as a further ``SampleResult`` without sampling. The scheduler appends every
+    result in order, checking stop conditions after each, and advances
+    ``num_computed_tokens`` by the chunk only, so forced tokens are computed as a prefill
+    chunk in the next step. Forced tokens are whole tokens of the constraint's own index
+    (inside a fixed run of text, the tokenizer's encoding of the rest of that run), never a
+    re-tokenisation of text already emitted, and each one is the only token its state
+    allows, so the output distribution is the one sampling would give.
+
     Speculative decoding (``nanoserve.spec.RejectionSampler``) wraps the configured sampler
     and also needs its ``process(logits, requests, num_logits)``: the processed rows, from
     which the target distribution of each draft is computed.

@@ -2,8 +2,15 @@
 
 Pipeline for one row of logits:
 
-    logits processors (masks) -> penalties -> greedy argmax if temperature == 0, else:
+    logits processors -> constraint mask -> penalties -> greedy argmax if temperature == 0, else:
     logits / temperature -> top-k filter -> top-p filter -> min-p filter -> softmax -> draw
+
+The constraint mask (``regex``, ``json_schema`` or ``choice``: :mod:`nanoserve.structured`)
+sets every token the request's automaton forbids after the row's history to -inf, EOS
+included except where the answer is complete; it comes after the logits processors (they
+see the model's logits) and before the penalties (which only move finite logits), so no
+filter downstream can bring a forbidden token back. After the sampled token, a
+constrained request may get *forced* tokens (jump-forward): see :meth:`Sampler.sample`.
 
 Penalties (vLLM's semantics: ``apply_penalties`` in vLLM's ``model_executor/layers/utils.py``,
 here the ``apply_penalties`` kernel of ``kernels_ref.sampling``) lower the logits of tokens
@@ -70,6 +77,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0: the chosen token's logprob + top k
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # applied in order, first
+    # structured output (nanoserve.structured): at most one of the three
+    regex: str | None = None  # the output fully matches this regular expression
+    json_schema: dict[str, Any] | str | None = None  # the output is JSON valid under this schema (or its text)
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    jump_forward: bool = True  # append forced tokens without sampling (same distribution, fewer steps)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +151,38 @@ class SamplingParams:
         if not isinstance(self.logits_processors, (list, tuple)) or not all(callable(p) for p in self.logits_processors):
             fail("logits_processors", self.logits_processors, "must be a list of functions (output token ids, logits) -> logits")
         self.logits_processors = list(self.logits_processors)
+        self._validate_constraint(fail)
+
+    def _validate_constraint(self, fail: Any) -> None:
+        """At most one of regex / json_schema / choice, of the right type, and compilable."""
+        given = [name for name in ("regex", "json_schema", "choice") if getattr(self, name) is not None]
+        if len(given) > 1:
+            fail(given[1], getattr(self, given[1]), f"give at most one of regex, json_schema and choice (got {' and '.join(given)})")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            fail("regex", self.regex, "must be a non-empty string")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str, bool)):
+            fail("json_schema", self.json_schema, "must be a JSON schema (an object, or its JSON text)")
+        if self.choice is not None:
+            if isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, (list, tuple)) or not self.choice:
+                fail("choice", self.choice, "must be a non-empty list of strings")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                fail("choice", self.choice, "every choice must be a non-empty string")
+            self.choice = list(self.choice)
+        if not isinstance(self.jump_forward, (bool, np.bool_)):
+            fail("jump_forward", self.jump_forward, "must be true or false")
+        self.jump_forward = bool(self.jump_forward)
+        if given and self.ignore_eos:
+            fail("ignore_eos", self.ignore_eos, f"cannot be combined with {given[0]}: a constrained answer ends with EOS")
+        if given:
+            from nanoserve import structured  # lazy: unconstrained requests never load it
+
+            field_name, regex = structured.constraint_regex(self)  # type: ignore[misc]
+            structured.compile_constraint(field_name, regex)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output must match a regex, a JSON schema or a choice."""
+        return self.regex is not None or self.json_schema is not None or self.choice is not None
 
     @property
     def greedy(self) -> bool:
@@ -283,8 +327,8 @@ class Sampler:
     def process(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
     ) -> tuple[np.ndarray, list[Request]]:  # [R, V] -> processed [R, V], and each row's request
-        """Each request's logits processors, then its penalties, row by row (row j of a
-        request's n rows sees ``row_history(request, j, n)`` as its output tokens).
+        """Each request's logits processors, then its constraint mask, then its penalties, row by
+        row (row j of a request's n rows sees ``row_history(request, j, n)`` as its output tokens).
 
         Returns ``logits`` itself when nothing applies, else a processed copy.
         """
@@ -292,11 +336,15 @@ class Sampler:
         processed = logits
         row = 0
         for request, n in zip(requests, num_logits):
+            params = request.params
+            guide = structured_guide(request) if n and params.constrained else None
             for j in range(n):
-                for processor in request.params.logits_processors:
-                    if processed is logits:
-                        processed = logits.copy()  # logprobs still come from the raw model output
+                if (params.logits_processors or guide is not None) and processed is logits:
+                    processed = logits.copy()  # logprobs still come from the raw model output
+                for processor in params.logits_processors:
                     processed[row] = processor(row_history(request, j, n), processed[row])
+                if guide is not None:
+                    processed[row] = guide.mask_row(request, row_history(request, j, n), processed[row])
                 row += 1
         if any(n and r.params.uses_penalties for r, n in zip(requests, num_logits)):
             if processed is logits:
@@ -323,14 +371,54 @@ class Sampler:
 
     def sample(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
-    ) -> list[list[SampleResult]]:  # logits [sum(num_logits), V] float32 -> per request, one per row
+    ) -> list[list[SampleResult]]:  # logits [sum(num_logits), V] float32 -> per request, one per row (+ forced)
+        """One result per row; a constrained request's last result may be followed by forced tokens.
+
+        Jump-forward (:mod:`nanoserve.structured.guide`): where the constraint allows exactly
+        one next token after the sampled one, it is appended as a further result, and so on
+        while that holds. Forced tokens carry no logprobs, so requests that ask for logprobs,
+        or have logits processors (which could ban the forced token), or set
+        ``jump_forward=False``, get none.
+        """
         processed, rows = self.process(logits, requests, num_logits)
         if not rows:
             return [[] for _ in requests]
         results = sample(processed, [r.params for r in rows], [r.generator for r in rows], self.kernels, logits)
         out: list[list[SampleResult]] = []
         start = 0
-        for n in num_logits:
-            out.append(results[start : start + n])
+        for request, n in zip(requests, num_logits):
+            mine = results[start : start + n]
             start += n
+            if n == 1 and jumps_forward(request.params):
+                mine += forced_results(request, mine[0].token_id)
+            out.append(mine)
         return out
+
+
+def jumps_forward(params: SamplingParams) -> bool:
+    """Whether forced tokens may be appended to this request without sampling them."""
+    return params.constrained and params.jump_forward and params.logprobs is None and not params.logits_processors
+
+
+def forced_results(request: Request, sampled: int) -> list[SampleResult]:
+    """The forced tokens after ``sampled`` (the token just drawn for ``request``'s one row).
+
+    A non-greedy request spends one uniform draw per forced token, as sampling that
+    one-token distribution would have, so its later draws are those of a run without
+    jump-forward.
+    """
+    guide = structured_guide(request)
+    if guide is None:
+        return []
+    forced = guide.forced_tokens(request, [*request.output_token_ids, sampled])
+    if not request.params.greedy:
+        for _ in forced:
+            request.generator.random()
+    return [SampleResult(t) for t in forced]
+
+
+def structured_guide(request: Request) -> Any:
+    """The request's constraint walker (:func:`nanoserve.structured.guide_of`), or None."""
+    from nanoserve.structured import guide_of  # lazy: unconstrained batches never load it
+
+    return guide_of(request)
