@@ -8,7 +8,15 @@ a client always learns *which* field was wrong and why:
                "type": "invalid_request_error", "param": "temperature", "code": null}}
 
 Unknown fields are ignored (clients send many optional ones); known but unsupported
-features with a non-default value (``tools``, ``logit_bias``) are refused. The penalties
+features with a non-default value (``tools``, ``logit_bias``) are refused.
+
+Structured output (:mod:`nanoserve.structured`), on both endpoints: OpenAI's
+``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
+{"name": ..., "schema": {...}}}``) and vLLM's ``guided_regex``, ``guided_choice`` and
+``guided_json``, at most one of them. A constraint nanoserve cannot enforce is a 400 whose
+``param`` is the field the client sent (an invalid regex, an unsupported schema keyword,
+a constraint nothing satisfies, one that cannot finish within ``max_tokens``); a request
+is never answered unconstrained instead. The penalties
 are OpenAI's ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) and vLLM's
 ``repetition_penalty`` extension ([0.01, 100], 1 = off), with vLLM's semantics
 (:mod:`nanoserve.sampling`).
@@ -24,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nanoserve.errors import NanoserveError
+from nanoserve.errors import InvalidSamplingParams, NanoserveError
 from nanoserve.output import RequestOutput
 from nanoserve.sampling import (
     GREEDY_BELOW,
@@ -141,6 +149,57 @@ class _SamplingFields(_Strict):
     )
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object or json_schema
+    guided_regex: str | None = None  # extension (vLLM): the output fully matches this regex
+    guided_choice: list[str] | None = None  # extension (vLLM): the output is one of these strings
+    guided_json: Any = None  # extension (vLLM): a JSON schema (an object, or its JSON text)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        if fmt is None:
+            return None
+        kind = fmt.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError('type must be "text", "json_object" or "json_schema"')
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise ValueError('json_schema must be an object {"name": ..., "schema": {...}}')
+        return fmt
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _SamplingFields:
+        given = [name for name, value in self.constraint_fields().items() if value is not None]
+        if len(given) > 1:
+            raise APIError(400, f"{given[1]}: give at most one of {', '.join(given)}", param=given[1])
+        return self
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """Each structured-output field the client sent, None where absent (``text`` is absent)."""
+        fmt = self.response_format
+        return {
+            "response_format": None if fmt is None or fmt.get("type", "text") == "text" else fmt,
+            "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice,
+            "guided_json": self.guided_json,
+        }
+
+    def constraint(self) -> tuple[str, dict[str, Any]] | None:
+        """``(client field, SamplingParams keyword arguments)`` of the request's constraint, or None."""
+        for name, value in self.constraint_fields().items():
+            if value is None:
+                continue
+            if name == "guided_regex":
+                return name, {"regex": value}
+            if name == "guided_choice":
+                return name, {"choice": value}
+            if name == "guided_json":
+                return name, {"json_schema": value}
+            if value["type"] == "json_object":
+                return name, {"json_schema": {"type": "object"}}
+            return name, {"json_schema": value["json_schema"].get("schema", {})}
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -185,7 +244,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -193,13 +251,6 @@ class ChatCompletionRequest(_SamplingFields):
         if tools:
             raise ValueError("tool calling is not supported by nanoserve; leave it out")
         return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise ValueError('only {"type": "text"} is supported')
-        return fmt
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -312,25 +363,47 @@ def _param_path(loc: tuple[Any, ...]) -> str:
 
 
 # --- request -> engine ---------------------------------------------------------------------
-def sampling_params(req: _SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
-    """Engine parameters for choice ``choice`` (each choice of a seeded request gets its own seed)."""
+def sampling_params(
+    req: _SamplingFields, max_tokens: int, choice: int, tokenizer: Tokenizer | None = None
+) -> SamplingParams:
+    """Engine parameters for choice ``choice`` (each choice of a seeded request gets its own seed).
+
+    A constraint that cannot be enforced raises an :class:`APIError` (400) naming the client's
+    field. With ``tokenizer``, the constraint is also compiled for it here
+    (:func:`nanoserve.structured.prepare`), which adds the checks that need the vocabulary:
+    no token sequence satisfies it, or it cannot finish within ``max_tokens``.
+    """
     temperature = 1.0 if req.temperature is None else req.temperature
     seed = None if req.seed is None else (req.seed + choice) % 2**64
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        seed=seed,
-        stop=list(req.stop or []),
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=bool(req.ignore_eos),
-        logprobs=req.num_logprobs,
-    )
+    constraint = req.constraint()
+    field, extra = constraint if constraint is not None else (None, {})
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=seed,
+            stop=list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=bool(req.ignore_eos),
+            logprobs=req.num_logprobs,
+            **extra,
+        )
+        if tokenizer is not None and field is not None:
+            from nanoserve import structured
+
+            structured.prepare(params, tokenizer)
+    except InvalidSamplingParams as exc:
+        name = str(exc).removeprefix("invalid ").split("=", 1)[0]
+        if field is not None and name in ("regex", "choice", "json_schema"):
+            raise APIError(400, f"{field}: {exc}", param=field, code="invalid_constraint") from None
+        raise
+    return params
 
 
 # --- engine -> response ----------------------------------------------------------------------
