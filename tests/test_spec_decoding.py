@@ -98,6 +98,10 @@ def test_policy_turns_down_with_low_acceptance_and_off_for_large_batches():
         m.request_id = f"m{i}"
     assert policy.num_drafts(many, 1000) == [4, 4, 4, 4, 4, 2, 0, 0, 0, 0]  # 32 rows at most
     assert policy.num_drafts(many * 4, 1000) == [0] * 40
+    default = SpeculationPolicy(num_speculative_tokens=4)  # 8 rows at most
+    assert default.num_drafts(many[:1], 1000) == [4]
+    assert default.num_drafts(many[:2], 1000) == [4, 2]
+    assert default.num_drafts(many[:8], 1000) == [0] * 8
 
 
 # --- greedy: identical tokens ----------------------------------------------------------------
