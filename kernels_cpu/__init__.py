@@ -10,12 +10,15 @@ temporaries dominates, and takes the rest from the reference on purpose:
 
     compiled here         paged_attention (decodes read pages in place), store_kv,
                           rms_norm, rope, apply_penalties (one pass, not a chain of
-                          temporaries)
+                          temporaries), the quantized linears linear_int8, linear_int4,
+                          linear_q8_0, linear_q4_0, linear_q4_1 (kernels_cpu.quant: the
+                          bytes widened in registers for decode rows, never a float
+                          matrix; a float32 tile at a time into BLAS for prefill rows)
     BLAS, reordered       linear: a decode batch's few rows go through (W @ x.T).T
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
-    the reference's       the quantized linears (dequantize, then BLAS), silu_mul and
-    (already the best     softmax (SIMD ufuncs), attention (BLAS), the sampling filters,
-    NumPy can do)         and the prefill chunks of paged_attention (gather, then BLAS)
+    the reference's       silu_mul and softmax (SIMD ufuncs), attention (BLAS), the
+    (already the best     sampling filters, and the prefill chunks of paged_attention
+    NumPy can do)         (gather, then BLAS)
 
 Numba's CPU target has no float16, so decode attention reads a float16 KV cache as its
 raw 16-bit patterns and widens each page to float32 (exactly), and ``store_kv`` writes
@@ -24,8 +27,9 @@ one through NumPy. Compiled code is cached on disk (``cache=True``) under
 seconds compiling.
 
 Threads: every kernel here runs on the calling thread; only the matmuls use threads
-(OpenBLAS's). Splitting attention over threads as well did not make serving faster on
-2 cores (measured in ``kernels_cpu.attention``).
+(OpenBLAS's, as ``nanoserve.threads`` sets them). Splitting attention over threads as
+well did not make serving faster on 2 cores (measured in ``kernels_cpu.attention``), nor
+did splitting the quantized linears (measured in ``kernels_cpu.quant``).
 
     >>> from nanoserve.kernels import get_backend
     >>> get_backend("cpu").fallbacks
@@ -36,14 +40,10 @@ from kernels_cpu import compile_cache  # noqa: F401  (first: sets where compiled
 from kernels_cpu.attention import paged_attention, store_kv
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope
+from kernels_cpu.quant import linear_int4, linear_int8, linear_q4_0, linear_q4_1, linear_q8_0
 from kernels_cpu.sampling import apply_penalties, top_p_filter
 from kernels_ref import (
     attention,
-    linear_int4,
-    linear_int8,
-    linear_q4_0,
-    linear_q4_1,
-    linear_q8_0,
     min_p_filter,
     silu_mul,
     softmax,

@@ -216,3 +216,69 @@ def test_quantized_weight_reports_the_bytes_it_holds() -> None:
     qw = quantize(np.ones((4, 64), np.float32), "int4")
     assert isinstance(qw, QuantizedWeight) and qw.shape == (4, 64)
     assert qw.nbytes == 4 * 32 + 4 * 2 * 4  # packed nibbles + float32 scales
+
+
+# --- the embedding table stays in the run's format ----------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4"])
+def test_embedding_rows_dequantize_only_the_gathered_rows_to_the_tables_own_values(fmt: str) -> None:
+    from nanoserve.quant import embedding_rows, gather_rows
+
+    rng = np.random.default_rng(6)
+    table = quantize(rng.standard_normal((50, 64)).astype(np.float32), fmt)
+    ids = np.array([3, 3, 49, 0, 17])
+    rows = gather_rows(table, ids)
+    if fmt in ("int8", "int4"):
+        assert isinstance(rows, QuantizedWeight) and rows.shape == (5, 64) and rows.nbytes * 10 == table.nbytes
+    got = embedding_rows(table, ids)
+    assert got.dtype == np.float32 and got.shape == (5, 64)
+    np.testing.assert_array_equal(got, dequantize(table)[ids])
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_embedding_rows_of_a_gguf_table_are_the_files_dequantized_rows(qtype) -> None:
+    from nanoserve.quant import embedding_rows
+
+    rng = np.random.default_rng(7)
+    raw = gguf_quantize(rng.standard_normal((20, 96)).astype(np.float32), qtype)
+    table = QuantizedWeight(qtype.name.lower(), (raw,), (20, 96))
+    ids = np.array([19, 2, 2])
+    np.testing.assert_array_equal(embedding_rows(table, ids), gguf_dequantize(raw, qtype)[ids].astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_quantized_runs_hold_one_tied_table_for_embedding_and_lm_head(fmt: str, tiny_model_dir: str) -> None:
+    from nanoserve.model import load_checkpoint
+
+    fp32 = load_checkpoint(tiny_model_dir, "fp32").weights
+    weights = load_checkpoint(tiny_model_dir, fmt).weights
+    if not load_checkpoint(tiny_model_dir, fmt).config.tie_word_embeddings:
+        pytest.skip("the tiny model does not tie its embeddings")
+    assert weights.lm_head is weights.embed
+    if fmt == "fp16":
+        assert weights.embed.dtype == np.float16
+    else:
+        assert isinstance(weights.embed, QuantizedWeight) and weights.embed.format == fmt
+    assert weights.nbytes() < fp32.nbytes() * (0.6 if fmt == "fp16" else 0.35)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_cpu_backend_gives_the_reference_backends_logits_for_every_quantized_format(fmt: str, tiny_model_dir: str) -> None:
+    """The fused kernels (cpu) against dequantize-then-BLAS (ref), embedding lookup included."""
+    from nanoserve.cache.contiguous import ContiguousKVCache
+    from nanoserve.model import load_model
+
+    def logits(backend: str, ids: list[int]) -> np.ndarray:  # one prefill, then one decode row
+        model, _ = load_model(tiny_model_dir, backend=backend, weights=fmt)
+        cache = ContiguousKVCache(model.config, len(ids) + 1, model.backend)
+        rows = []
+        for positions in (np.arange(len(ids) - 1), np.array([len(ids) - 1])):
+            cache.set_positions(positions)
+            rows.append(np.asarray(model.compute_logits(model.forward(np.array(ids)[positions], positions, cache))))
+        return np.concatenate(rows)
+
+    ids = [5, 17, 42, 100, 7, 250, 3, 64, 99] * 5  # a 44-row prefill (> R_MAX) and a 1-row decode
+    ref, cpu = logits("ref", ids), logits("cpu", ids)
+    assert np.linalg.norm(cpu - ref) <= 1e-4 * np.linalg.norm(ref)
+    assert np.array_equal(cpu.argmax(-1), ref.argmax(-1))

@@ -1,6 +1,6 @@
 """The Llama decoder forward pass, written once for every backend and every KV cache.
 
-    input_ids [T] --embed--> x [T, d]
+    input_ids [T] --embed--> x [T, d]                 (only the T rows gathered are dequantized)
     for each layer:                                   (pre-norm residual blocks)
         h = rms_norm(x)
         q, k, v = split(h @ W_qkv.T)                  [T, H, D], [T, Hkv, D], [T, Hkv, D]
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from nanoserve.kernels import Backend
 from nanoserve.model.config import LlamaConfig
 from nanoserve.model.weights import LlamaWeights
-from nanoserve.quant import QuantizedWeight, apply_linear
+from nanoserve.quant import QuantizedWeight, apply_linear, embedding_rows, gather_rows
 
 
 class KVCache(Protocol):
@@ -52,7 +52,7 @@ class LlamaModel:
         c, k, w = self.config, self.k, self.weights
         num_tokens = int(input_ids.shape[0])
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        x = w.embed[input_ids]  # [T, d]
+        x = self.embed(input_ids)  # [T, d]
         for i, layer in enumerate(w.layers):
             h = k.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = apply_linear(k, h, layer.w_qkv)  # [T, q_size + 2 * kv_size]
@@ -67,6 +67,22 @@ class LlamaModel:
             ffn = c.intermediate_size
             x = x + apply_linear(k, k.silu_mul(gate_up[:, :ffn], gate_up[:, ffn:]), layer.w_down)
         return x
+
+    def embed(self, input_ids: Any) -> Any:  # [T] -> [T, d] float32
+        """Rows ``input_ids`` of the embedding table, dequantized (only those rows) to float32.
+
+        On a device backend the T quantized rows are gathered there, dequantized on the
+        host by ``kernels_ref.quant`` (T x d values: a few KB per decode step) and sent back.
+        """
+        table = self.weights.embed
+        if not isinstance(table, QuantizedWeight):
+            x = table[input_ids]
+            return x if x.dtype == self.xp.float32 else x.astype(self.xp.float32)
+        if self.xp.__name__ == "numpy":
+            return embedding_rows(table, input_ids)
+        rows = gather_rows(table, input_ids)
+        host = QuantizedWeight(rows.format, tuple(self.backend.to_host(a) for a in rows.arrays), rows.shape)
+        return self.backend.to_device(embedding_rows(host, slice(None)))
 
     def compute_logits(self, hidden: Any) -> Any:  # [R, d] -> [R, V] float32
         """Final norm and LM head for the R rows that need a next token."""

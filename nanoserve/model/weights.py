@@ -1,6 +1,6 @@
 """The Llama weights, named and shaped, in the format chosen for the run.
 
-    embed        [V, d]          token embedding (float32, looked up by row)
+    embed        [V, d]          token embedding, in the run's format, looked up by row
     layers[i]:
       attn_norm  [d]             RMSNorm gain before attention
       w_qkv      [(H + 2*Hkv) * D, d]   Wq, Wk, Wv stacked by rows: one GEMM instead of three
@@ -9,10 +9,16 @@
       w_gate_up  [2 * F, d]      W_gate, W_up stacked by rows: one GEMM instead of two
       w_down     [d, F]
     final_norm   [d]
-    lm_head      [V, d]          the embedding itself when tied
+    lm_head      [V, d]          the embedding itself when tied (the very same object)
 
 Matrices are float32/float16 arrays or :class:`QuantizedWeight`; stacking works on any
 row-blocked format because quantization blocks never cross rows.
+
+The embedding table is held in the run's format too (SmolLM2's is 49152 x 576: 113 MB in
+float32, 30 MB as the GGUF's Q8_0, 28 MB as int8). A lookup dequantizes only the rows it
+gathers (``nanoserve.quant.embedding_rows``); a tied LM head is the same quantized table
+and goes through the format's linear kernel. With ``--weights gguf`` both are exactly
+the file's blocks; with fp16/int8/int4 the table is converted like every other matrix.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    embed: np.ndarray
+    embed: Weight
     layers: list[LayerWeights]
     final_norm: np.ndarray
     lm_head: Weight
@@ -104,7 +110,7 @@ def build_weights(config: LlamaConfig, tensors: dict[str, Weight], names: dict[s
 
     c = config
     q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    embed = np.ascontiguousarray(dequantize(check(get("embed"), "embed", (c.vocab_size, c.hidden_size))))
+    embed = _convert(check(get("embed"), "embed", (c.vocab_size, c.hidden_size)), fmt)
     layers = []
     for i in range(c.num_layers):
         q = check(get("q", i), f"layer {i} q", (q_rows, c.hidden_size))
@@ -122,12 +128,10 @@ def build_weights(config: LlamaConfig, tensors: dict[str, Weight], names: dict[s
                 w_down=_convert(check(get("down", i), f"layer {i} down", (c.hidden_size, c.intermediate_size)), fmt),
             )
         )
-    if not c.tie_word_embeddings:
-        lm_head = _convert(check(get("lm_head"), "lm_head", (c.vocab_size, c.hidden_size)), fmt)
-    elif fmt == "fp32":
-        lm_head = embed  # tied: the very same array
+    if c.tie_word_embeddings:
+        lm_head = embed  # tied: the very same table, quantized or not
     else:
-        lm_head = _convert(get("embed"), fmt)
+        lm_head = _convert(check(get("lm_head"), "lm_head", (c.vocab_size, c.hidden_size)), fmt)
     return LlamaWeights(
         embed=embed,
         layers=layers,

@@ -1,8 +1,9 @@
 """Weight formats as data: a matrix is either a float array or a :class:`QuantizedWeight`.
 
 The layouts are documented (and dequantized) in ``kernels_ref.quant``; this package
-creates quantized weights (from float matrices or from GGUF bytes) and dispatches a
-linear layer to the kernel matching a weight's format.
+creates quantized weights (from float matrices or from GGUF bytes), dispatches a
+linear layer to the kernel matching a weight's format, and looks up embedding rows of a
+quantized table (dequantizing only the rows gathered).
 
     format   arrays                              kernel
     ------   ---------------------------------   -----------
@@ -20,7 +21,17 @@ from nanoserve.quant.formats import (
     QuantizedWeight,
     apply_linear,
     dequantize,
+    embedding_rows,
+    gather_rows,
     quantize,
 )
 
-__all__ = ["WEIGHT_FORMATS", "QuantizedWeight", "apply_linear", "dequantize", "quantize"]
+__all__ = [
+    "WEIGHT_FORMATS",
+    "QuantizedWeight",
+    "apply_linear",
+    "dequantize",
+    "embedding_rows",
+    "gather_rows",
+    "quantize",
+]

@@ -88,6 +88,32 @@ def dequantize(w: Weight) -> np.ndarray:  # -> float32 [out, in]
     return np.asarray(w, dtype=np.float32)
 
 
+def gather_rows(w: Weight, rows: Any) -> Weight:  # [out, in] by [T] -> [T, in], still in w's format
+    """Rows ``rows`` of w without dequantizing: every format's arrays are indexed by row first.
+
+    Quantization blocks never cross rows (int8 and int4 scales are per row, GGUF blocks run
+    along a row), so taking rows of each array gives a smaller weight in the same format.
+    Works on any array module's arrays (NumPy, CuPy).
+    """
+    if isinstance(w, QuantizedWeight):
+        arrays = tuple(a[rows] for a in w.arrays)
+        return QuantizedWeight(w.format, arrays, (int(arrays[0].shape[0]), w.shape[1]))
+    return w[rows]
+
+
+def embedding_rows(w: Weight, ids: Any) -> np.ndarray:  # [V, d] by [T] -> float32 [T, d]
+    """Look up token embeddings, dequantizing only the T rows gathered (host arrays).
+
+    A quantized table [V, d] stays quantized in memory; ``dequantize(gather_rows(w, ids))``
+    widens exactly the rows a step needs, to the same float32 values a dequantized table
+    would hold.
+    """
+    rows = gather_rows(w, ids)
+    if isinstance(rows, QuantizedWeight):
+        return dequantize(rows)
+    return np.asarray(rows, dtype=np.float32)
+
+
 def apply_linear(kernels: Any, x: Any, w: Weight) -> Any:  # [T, in] -> [T, out]
     """``x @ W.T`` through the kernel for w's format."""
     if isinstance(w, QuantizedWeight):

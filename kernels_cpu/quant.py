@@ -1,0 +1,471 @@
+"""Fused quantized linears ``y = x @ W.T`` for the cpu backend: the weights stay quantized.
+
+The reference (``kernels_ref.linear``) defines each quantized linear as "dequantize the
+whole matrix to float32, then BLAS". That writes and re-reads 4 bytes per weight on
+every call, so a decode step cost more than the float32 model it was meant to beat. Here
+each kernel reads the format's bytes (layouts: ``kernels_ref.quant``) and widens them to
+float32 in registers, as it multiplies:
+
+    decode shapes, T <= R_MAX rows: one pass over the bytes, nothing materialised
+        for o in range(out):                      the hot loop
+            for t in range(T):                    the row's bytes stay in L1 after t = 0
+                y[t, o] = dot(x[t], W[o])         16 float32 lanes, block by block:
+                    for b in blocks of W[o]:      d_b = F16_TABLE[the block's f16 bits]
+                        lane[j] += d_b * (q[j] * x[j] + q[j+16] * x[j+16])   j = 0..15
+                    y = sum(lanes)
+    prefill shapes, T > R_MAX rows: ``TILE_ROWS`` output rows dequantized into a float32
+        tile that stays in L2, multiplied by BLAS, the next tile into the same buffer
+
+int8 (one scale per row) needs no blocks: its row is widened into a float32 scratch row
+in L1 by one flat loop, and ``_row_dots`` takes the dot products of all T rows with it.
+
+Vectorising. The 16 accumulators ``a0 .. a15`` written out in each ``_dot_*`` are the 16
+float32 lanes of one AVX-512 register (two AVX2 ones): LLVM's SLP vectorizer packs each
+line's loads, conversions and products into one vector instruction per lane group, and
+the horizontal sum happens once per output row, not once per 32-weight block. Two things
+make that happen, both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
+
+* Numba compiles with LLVM's SLP vectorizer off (``NUMBA_SLP_VECTORIZE=0``) unless told
+  otherwise; :func:`_run` turns it on while one of this module's kernels compiles, for
+  these kernels only. Off, the same source ran as scalar code: 2.4 ms instead of 0.19.
+* No ``fastmath`` reassociation in the ``_dot_*`` kernels: with it, LLVM's loop vectorizer
+  takes the loop over blocks instead, with a gather per lane (1.4-2.4 ms); without it that
+  loop is not vectorisable and the SLP vectorizer gets the block. Each lane then sums in
+  block order; the 16 lanes are added pairwise at the end.
+
+A written-out loop over the 32 weights of a block (``for j in range(32)``) fared worse
+every way it was tried (0.25-1.5 ms): its horizontal sum per block, or the loop vectorizer
+again taking the block loop. For comparison, the plain float32 dot over the same matrix
+(``_row_dots`` on float32 rows) took 0.13 ms, the int8 per-channel flat loop 0.08 ms.
+
+Rounding: Q8_0, Q4_0 and int4 take their scale out of the block's sum (``d * sum(q * x)``),
+which bounds the error by the same ``|x| @ |W|.T`` as the reference's order; Q4_1 widens
+each weight exactly as the reference does (``d * q + m``, then the product), because its
+minimum ``m`` can cancel ``d * q``. All accumulate in float32; results differ from the
+reference only by summation order, within ``check_kernels.tolerances.DOT``.
+
+Measured (``python bench/quant.py --kernels``): see that bench's docstring and
+``docs/benchmarks.md``; the thresholds below are where its table crosses over.
+
+Threads: every kernel here runs on the calling thread (no ``prange``): see ``R_MAX``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+from numba import njit
+
+from kernels_cpu.pointwise import FASTMATH
+from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
+
+#: Up to this many rows the fused kernels compute the product; above it, tiles into BLAS.
+R_MAX = 32
+#: Output rows dequantized per BLAS tile on the prefill path (576-wide rows: 576 KiB, in L2).
+TILE_ROWS = 256
+#: The int4 group size with a vectorised kernel (``nanoserve.quant`` quantizes with it);
+#: other group sizes take a plain loop.
+INT4_FAST_GROUP = 32
+
+#: float32 value of every float16 bit pattern: ``F16_TABLE[bits]`` (subnormals, inf, nan exact).
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+f32 = np.float32  # short, for the lane lines below
+
+_SLP_LOCK = threading.Lock()
+
+
+def _run(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Call a compiled kernel of this module with LLVM's SLP vectorizer on while it compiles.
+
+    ``numba.config.SLP_VECTORIZE`` is read when a function is compiled (or loaded from the
+    cache, where it was compiled the same way); the lock keeps other threads from seeing
+    it changed, so only this module's kernels are compiled with it.
+    """
+    with _SLP_LOCK:
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            return kernel(*args)
+        finally:
+            numba.config.SLP_VECTORIZE = saved
+
+
+@njit(cache=True)
+def _f16(table, lo, hi):  # f32 [65536], two uint8 -> f32 (LLVM inlines it into its callers)
+    return table[np.int64(lo) | (np.int64(hi) << 8)]
+
+
+# --- decode shapes: 16 lanes per output row, one block of 32 weights at a time -------------------
+
+
+@njit(cache=True)
+def _dot_q8_0(x3, t, r3, q3, o, table):  # [T, nb, 32] f32, int, uint8 + int8 [out, nb, 34], int, [65536] -> f32
+    """``x[t] . W[o]`` for Q8_0 blocks | d: f16 | q[0..31]: int8 |, lane j taking weights j and j+16."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = f32(0.0)
+    for b in range(r3.shape[1]):
+        d = _f16(table, r3[o, b, 0], r3[o, b, 1])
+        qb = q3[o, b]
+        xb = x3[t, b]
+        a0 += d * (f32(qb[2]) * xb[0] + f32(qb[18]) * xb[16])
+        a1 += d * (f32(qb[3]) * xb[1] + f32(qb[19]) * xb[17])
+        a2 += d * (f32(qb[4]) * xb[2] + f32(qb[20]) * xb[18])
+        a3 += d * (f32(qb[5]) * xb[3] + f32(qb[21]) * xb[19])
+        a4 += d * (f32(qb[6]) * xb[4] + f32(qb[22]) * xb[20])
+        a5 += d * (f32(qb[7]) * xb[5] + f32(qb[23]) * xb[21])
+        a6 += d * (f32(qb[8]) * xb[6] + f32(qb[24]) * xb[22])
+        a7 += d * (f32(qb[9]) * xb[7] + f32(qb[25]) * xb[23])
+        a8 += d * (f32(qb[10]) * xb[8] + f32(qb[26]) * xb[24])
+        a9 += d * (f32(qb[11]) * xb[9] + f32(qb[27]) * xb[25])
+        a10 += d * (f32(qb[12]) * xb[10] + f32(qb[28]) * xb[26])
+        a11 += d * (f32(qb[13]) * xb[11] + f32(qb[29]) * xb[27])
+        a12 += d * (f32(qb[14]) * xb[12] + f32(qb[30]) * xb[28])
+        a13 += d * (f32(qb[15]) * xb[13] + f32(qb[31]) * xb[29])
+        a14 += d * (f32(qb[16]) * xb[14] + f32(qb[32]) * xb[30])
+        a15 += d * (f32(qb[17]) * xb[15] + f32(qb[33]) * xb[31])
+    return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15
+
+
+@njit(cache=True)
+def _dot_q4_0(x3, t, r3, o, table):  # [T, nb, 32] f32, int, uint8 [out, nb, 18], int, [65536] -> f32
+    """``x[t] . W[o]`` for Q4_0 blocks | d: f16 | qs[0..15] |: byte j holds weights j (low) and j+16 (high)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = f32(0.0)
+    for b in range(r3.shape[1]):
+        d = _f16(table, r3[o, b, 0], r3[o, b, 1])
+        qb = r3[o, b]
+        xb = x3[t, b]
+        a0 += d * (f32((qb[2] & 0xF) - 8) * xb[0] + f32((qb[2] >> 4) - 8) * xb[16])
+        a1 += d * (f32((qb[3] & 0xF) - 8) * xb[1] + f32((qb[3] >> 4) - 8) * xb[17])
+        a2 += d * (f32((qb[4] & 0xF) - 8) * xb[2] + f32((qb[4] >> 4) - 8) * xb[18])
+        a3 += d * (f32((qb[5] & 0xF) - 8) * xb[3] + f32((qb[5] >> 4) - 8) * xb[19])
+        a4 += d * (f32((qb[6] & 0xF) - 8) * xb[4] + f32((qb[6] >> 4) - 8) * xb[20])
+        a5 += d * (f32((qb[7] & 0xF) - 8) * xb[5] + f32((qb[7] >> 4) - 8) * xb[21])
+        a6 += d * (f32((qb[8] & 0xF) - 8) * xb[6] + f32((qb[8] >> 4) - 8) * xb[22])
+        a7 += d * (f32((qb[9] & 0xF) - 8) * xb[7] + f32((qb[9] >> 4) - 8) * xb[23])
+        a8 += d * (f32((qb[10] & 0xF) - 8) * xb[8] + f32((qb[10] >> 4) - 8) * xb[24])
+        a9 += d * (f32((qb[11] & 0xF) - 8) * xb[9] + f32((qb[11] >> 4) - 8) * xb[25])
+        a10 += d * (f32((qb[12] & 0xF) - 8) * xb[10] + f32((qb[12] >> 4) - 8) * xb[26])
+        a11 += d * (f32((qb[13] & 0xF) - 8) * xb[11] + f32((qb[13] >> 4) - 8) * xb[27])
+        a12 += d * (f32((qb[14] & 0xF) - 8) * xb[12] + f32((qb[14] >> 4) - 8) * xb[28])
+        a13 += d * (f32((qb[15] & 0xF) - 8) * xb[13] + f32((qb[15] >> 4) - 8) * xb[29])
+        a14 += d * (f32((qb[16] & 0xF) - 8) * xb[14] + f32((qb[16] >> 4) - 8) * xb[30])
+        a15 += d * (f32((qb[17] & 0xF) - 8) * xb[15] + f32((qb[17] >> 4) - 8) * xb[31])
+    return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15
+
+
+@njit(cache=True)
+def _dot_q4_1(x3, t, r3, o, table):  # [T, nb, 32] f32, int, uint8 [out, nb, 20], int, [65536] -> f32
+    """``x[t] . W[o]`` for Q4_1 blocks | d: f16 | m: f16 | qs[0..15] |, each weight ``d * q + m``."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = f32(0.0)
+    for b in range(r3.shape[1]):
+        d = _f16(table, r3[o, b, 0], r3[o, b, 1])
+        m = _f16(table, r3[o, b, 2], r3[o, b, 3])
+        qb = r3[o, b]
+        xb = x3[t, b]
+        a0 += (d * f32(qb[4] & 0xF) + m) * xb[0] + (d * f32(qb[4] >> 4) + m) * xb[16]
+        a1 += (d * f32(qb[5] & 0xF) + m) * xb[1] + (d * f32(qb[5] >> 4) + m) * xb[17]
+        a2 += (d * f32(qb[6] & 0xF) + m) * xb[2] + (d * f32(qb[6] >> 4) + m) * xb[18]
+        a3 += (d * f32(qb[7] & 0xF) + m) * xb[3] + (d * f32(qb[7] >> 4) + m) * xb[19]
+        a4 += (d * f32(qb[8] & 0xF) + m) * xb[4] + (d * f32(qb[8] >> 4) + m) * xb[20]
+        a5 += (d * f32(qb[9] & 0xF) + m) * xb[5] + (d * f32(qb[9] >> 4) + m) * xb[21]
+        a6 += (d * f32(qb[10] & 0xF) + m) * xb[6] + (d * f32(qb[10] >> 4) + m) * xb[22]
+        a7 += (d * f32(qb[11] & 0xF) + m) * xb[7] + (d * f32(qb[11] >> 4) + m) * xb[23]
+        a8 += (d * f32(qb[12] & 0xF) + m) * xb[8] + (d * f32(qb[12] >> 4) + m) * xb[24]
+        a9 += (d * f32(qb[13] & 0xF) + m) * xb[9] + (d * f32(qb[13] >> 4) + m) * xb[25]
+        a10 += (d * f32(qb[14] & 0xF) + m) * xb[10] + (d * f32(qb[14] >> 4) + m) * xb[26]
+        a11 += (d * f32(qb[15] & 0xF) + m) * xb[11] + (d * f32(qb[15] >> 4) + m) * xb[27]
+        a12 += (d * f32(qb[16] & 0xF) + m) * xb[12] + (d * f32(qb[16] >> 4) + m) * xb[28]
+        a13 += (d * f32(qb[17] & 0xF) + m) * xb[13] + (d * f32(qb[17] >> 4) + m) * xb[29]
+        a14 += (d * f32(qb[18] & 0xF) + m) * xb[14] + (d * f32(qb[18] >> 4) + m) * xb[30]
+        a15 += (d * f32(qb[19] & 0xF) + m) * xb[15] + (d * f32(qb[19] >> 4) + m) * xb[31]
+    return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15
+
+
+@njit(cache=True)
+def _dot_int4(xe3, xo3, t, q3, scales, o):  # [T, G, 16] f32 x2, int, uint8 [out, G, 16], f32 [out, G], int -> f32
+    """``x[t] . W[o]`` for int4 groups of 32 columns: byte j of a group holds columns 2j (low) and 2j+1.
+
+    ``xe3`` / ``xo3`` are x's even and odd columns, so lane j meets its byte's two weights
+    in two contiguous runs instead of one interleaved one.
+    """
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = f32(0.0)
+    for g in range(q3.shape[1]):
+        s = scales[o, g]
+        qg = q3[o, g]
+        xe = xe3[t, g]
+        xo = xo3[t, g]
+        a0 += s * (f32((qg[0] & 0xF) - 8) * xe[0] + f32((qg[0] >> 4) - 8) * xo[0])
+        a1 += s * (f32((qg[1] & 0xF) - 8) * xe[1] + f32((qg[1] >> 4) - 8) * xo[1])
+        a2 += s * (f32((qg[2] & 0xF) - 8) * xe[2] + f32((qg[2] >> 4) - 8) * xo[2])
+        a3 += s * (f32((qg[3] & 0xF) - 8) * xe[3] + f32((qg[3] >> 4) - 8) * xo[3])
+        a4 += s * (f32((qg[4] & 0xF) - 8) * xe[4] + f32((qg[4] >> 4) - 8) * xo[4])
+        a5 += s * (f32((qg[5] & 0xF) - 8) * xe[5] + f32((qg[5] >> 4) - 8) * xo[5])
+        a6 += s * (f32((qg[6] & 0xF) - 8) * xe[6] + f32((qg[6] >> 4) - 8) * xo[6])
+        a7 += s * (f32((qg[7] & 0xF) - 8) * xe[7] + f32((qg[7] >> 4) - 8) * xo[7])
+        a8 += s * (f32((qg[8] & 0xF) - 8) * xe[8] + f32((qg[8] >> 4) - 8) * xo[8])
+        a9 += s * (f32((qg[9] & 0xF) - 8) * xe[9] + f32((qg[9] >> 4) - 8) * xo[9])
+        a10 += s * (f32((qg[10] & 0xF) - 8) * xe[10] + f32((qg[10] >> 4) - 8) * xo[10])
+        a11 += s * (f32((qg[11] & 0xF) - 8) * xe[11] + f32((qg[11] >> 4) - 8) * xo[11])
+        a12 += s * (f32((qg[12] & 0xF) - 8) * xe[12] + f32((qg[12] >> 4) - 8) * xo[12])
+        a13 += s * (f32((qg[13] & 0xF) - 8) * xe[13] + f32((qg[13] >> 4) - 8) * xo[13])
+        a14 += s * (f32((qg[14] & 0xF) - 8) * xe[14] + f32((qg[14] >> 4) - 8) * xo[14])
+        a15 += s * (f32((qg[15] & 0xF) - 8) * xe[15] + f32((qg[15] >> 4) - 8) * xo[15])
+    return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15
+
+
+@njit(cache=True)
+def _rows_q8_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*34], [65536], [T, out] f32 (written)
+    rows, n = x.shape
+    x3 = x.reshape(rows, n // QK, QK)
+    r3 = raw.reshape(raw.shape[0], n // QK, Q8_0_BLOCK_BYTES)
+    q3 = raw.view(np.int8).reshape(raw.shape[0], n // QK, Q8_0_BLOCK_BYTES)
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            out[t, o] = _dot_q8_0(x3, t, r3, q3, o, table)
+
+
+@njit(cache=True)
+def _rows_q4_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*18], [65536], [T, out] f32 (written)
+    rows, n = x.shape
+    x3 = x.reshape(rows, n // QK, QK)
+    r3 = raw.reshape(raw.shape[0], n // QK, Q4_0_BLOCK_BYTES)
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            out[t, o] = _dot_q4_0(x3, t, r3, o, table)
+
+
+@njit(cache=True)
+def _rows_q4_1(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*20], [65536], [T, out] f32 (written)
+    rows, n = x.shape
+    x3 = x.reshape(rows, n // QK, QK)
+    r3 = raw.reshape(raw.shape[0], n // QK, Q4_1_BLOCK_BYTES)
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            out[t, o] = _dot_q4_1(x3, t, r3, o, table)
+
+
+@njit(cache=True)
+def _rows_int4(x_even, x_odd, qweight, scales, out):  # [T, in/2] f32 x2, uint8 [out, in/2], f32 [out, G], [T, out]
+    rows, half = x_even.shape
+    groups = scales.shape[1]
+    xe3 = x_even.reshape(rows, groups, half // groups)
+    xo3 = x_odd.reshape(rows, groups, half // groups)
+    q3 = qweight.reshape(qweight.shape[0], groups, half // groups)
+    for o in range(qweight.shape[0]):
+        for t in range(rows):
+            out[t, o] = _dot_int4(xe3, xo3, t, q3, scales, o)
+
+
+# --- int8 per channel, and any int4 group size: a float32 scratch row, then dot products ----------
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_dots(x, w_row, scale, out, o):  # [T, in] f32, [in] f32, f32, [T, out] f32 (column o written)
+    """``out[t, o] = scale * (w_row . x[t])`` for every t, loading ``w_row[i]`` once per 4 rows.
+
+    ``fastmath`` reassociation lets LLVM's loop vectorizer split each long sum into SIMD lanes.
+    """
+    rows, n = x.shape
+    t = 0
+    while t + 4 <= rows:
+        x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+        a0 = a1 = a2 = a3 = f32(0.0)
+        for i in range(n):
+            u = w_row[i]
+            a0 += u * x0[i]
+            a1 += u * x1[i]
+            a2 += u * x2[i]
+            a3 += u * x3[i]
+        out[t, o], out[t + 1, o], out[t + 2, o], out[t + 3, o] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        t += 4
+    while t < rows:
+        x0 = x[t]
+        a0 = f32(0.0)
+        for i in range(n):
+            a0 += w_row[i] * x0[i]
+        out[t, o] = a0 * scale
+        t += 1
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rows_int8(x, qweight, scale, out):  # [T, in] f32, int8 [out, in], f32 [out], [T, out] f32 (written)
+    if x.shape[0] == 1:  # one row: widen each weight as it is multiplied (no scratch row)
+        x0 = x[0]
+        for o in range(qweight.shape[0]):
+            q = qweight[o]
+            acc = f32(0.0)
+            for i in range(x0.shape[0]):
+                acc += f32(q[i]) * x0[i]
+            out[0, o] = acc * scale[o]
+        return
+    row = np.empty(x.shape[1], dtype=np.float32)  # one widened weight row, reused (L1)
+    for o in range(qweight.shape[0]):
+        q = qweight[o]
+        for i in range(row.shape[0]):
+            row[i] = f32(q[i])
+        _row_dots(x, row, scale[o], out, o)
+
+
+@njit(cache=True)
+def _int4_row(q_row, scales_row, row):  # uint8 [in/2], f32 [G], f32 [in] (written)
+    """``row[c] = (nibble c - 8) * scale[c // group]``, exactly the reference's float32 weights."""
+    n = row.shape[0]
+    group = n // scales_row.shape[0]
+    for c in range(n):
+        nibble = (np.int32(q_row[c >> 1]) >> ((c & 1) * 4)) & 0xF
+        row[c] = f32(nibble - 8) * scales_row[c // group]
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rows_int4_any_group(x, qweight, scales, out):  # [T, in], uint8 [out, in/2], f32 [out, G], [T, out] (written)
+    row = np.empty(x.shape[1], dtype=np.float32)
+    for o in range(qweight.shape[0]):
+        _int4_row(qweight[o], scales[o], row)
+        _row_dots(x, row, f32(1.0), out, o)
+
+
+# --- prefill shapes: a tile of output rows at a time, exactly the reference's weights, into BLAS --
+
+
+@njit(cache=True)
+def _tile_q8_0(raw, table, o0, tile):  # uint8 [out, in/32*34], [65536], int, f32 [rows, in] (written)
+    q = raw.view(np.int8)
+    for r in range(tile.shape[0]):
+        for b in range(tile.shape[1] // QK):
+            base = b * Q8_0_BLOCK_BYTES
+            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
+            for j in range(QK):
+                tile[r, b * QK + j] = d * f32(q[o0 + r, base + 2 + j])
+
+
+@njit(cache=True)
+def _tile_q4_0(raw, table, o0, tile):  # uint8 [out, in/32*18], [65536], int, f32 [rows, in] (written)
+    for r in range(tile.shape[0]):
+        for b in range(tile.shape[1] // QK):
+            base = b * Q4_0_BLOCK_BYTES
+            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
+            for j in range(QK // 2):
+                byte = np.int32(raw[o0 + r, base + 2 + j])
+                tile[r, b * QK + j] = d * f32((byte & 0xF) - 8)
+                tile[r, b * QK + QK // 2 + j] = d * f32((byte >> 4) - 8)
+
+
+@njit(cache=True)
+def _tile_q4_1(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] (written)
+    for r in range(tile.shape[0]):
+        for b in range(tile.shape[1] // QK):
+            base = b * Q4_1_BLOCK_BYTES
+            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
+            m = _f16(table, raw[o0 + r, base + 2], raw[o0 + r, base + 3])
+            for j in range(QK // 2):
+                byte = np.int32(raw[o0 + r, base + 4 + j])
+                tile[r, b * QK + j] = d * f32(byte & 0xF) + m
+                tile[r, b * QK + QK // 2 + j] = d * f32(byte >> 4) + m
+
+
+@njit(cache=True)
+def _tile_int8(qweight, scale, o0, tile):  # int8 [out, in], f32 [out], int, f32 [rows, in] (written)
+    for r in range(tile.shape[0]):
+        s = scale[o0 + r]
+        q = qweight[o0 + r]
+        for i in range(tile.shape[1]):
+            tile[r, i] = f32(q[i]) * s
+
+
+@njit(cache=True)
+def _tile_int4(qweight, scales, o0, tile):  # uint8 [out, in/2], f32 [out, G], int, f32 [rows, in] (written)
+    for r in range(tile.shape[0]):
+        _int4_row(qweight[o0 + r], scales[o0 + r], tile[r])
+
+
+def linear_tiled(x: np.ndarray, out_features: int, dequantize_tile: Callable[..., None], *arrays: Any) -> np.ndarray:  # [T, in] -> [T, out]
+    """``x @ W.T`` with W dequantized ``TILE_ROWS`` output rows at a time into one reused buffer.
+
+    ``dequantize_tile(*arrays, o0, tile)`` writes rows ``o0 .. o0 + len(tile)`` of W as
+    float32; BLAS multiplies each tile (``tile @ x.T``, weight as the left operand) into
+    the transposed output, so each tile's result is one contiguous run of rows.
+    """
+    out_t = np.empty((out_features, x.shape[0]), dtype=np.float32)  # [out, T]
+    tile = np.empty((min(TILE_ROWS, out_features), x.shape[1]), dtype=np.float32)
+    x_t = np.ascontiguousarray(x.T)  # [in, T]
+    for o0 in range(0, out_features, TILE_ROWS):
+        rows = min(TILE_ROWS, out_features - o0)
+        _run(dequantize_tile, *arrays, o0, tile[:rows])
+        np.matmul(tile[:rows], x_t, out=out_t[o0 : o0 + rows])
+    return np.ascontiguousarray(out_t.T)
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+
+
+def _x32(x: np.ndarray) -> np.ndarray:  # [T, in] any float -> C-contiguous float32
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, rows_kernel: Callable[..., None],
+                 tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
+    x = _x32(x)
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % block_bytes:
+        raise ValueError(f"{name}: expected uint8 [out, n*{block_bytes}] raw blocks, got {raw.dtype} {raw.shape}")
+    if raw.shape[1] // block_bytes * QK != x.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[1]} features, the blocks hold {raw.shape[1] // block_bytes * QK}")
+    raw = np.ascontiguousarray(raw)
+    if x.shape[0] > R_MAX:
+        return linear_tiled(x, raw.shape[0], tile_kernel, raw, F16_TABLE)
+    out = np.empty((x.shape[0], raw.shape[0]), dtype=np.float32)
+    _run(rows_kernel, x, raw, F16_TABLE, out)
+    return out
+
+
+def linear_q8_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*34] -> [T, out]
+    """``x @ dequantize_q8_0(raw).T``, reading the Q8_0 blocks in place (see the module docstring)."""
+    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, _tile_q8_0, "linear_q8_0")
+
+
+def linear_q4_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
+    """``x @ dequantize_q4_0(raw).T``, reading the Q4_0 blocks in place."""
+    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, _tile_q4_0, "linear_q4_0")
+
+
+def linear_q4_1(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
+    """``x @ dequantize_q4_1(raw).T``, reading the Q4_1 blocks in place."""
+    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, _tile_q4_1, "linear_q4_1")
+
+
+def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:  # [T, in], int8 [out, in], f32 [out] -> [T, out]
+    """``x @ (qweight * scale[:, None]).T``: each output is ``scale[o] * (q[o] . x[t])`` in float32."""
+    x = _x32(x)
+    qweight = np.ascontiguousarray(qweight)
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    if qweight.shape[1] != x.shape[1]:
+        raise ValueError(f"linear_int8: x has {x.shape[1]} features, the weight {qweight.shape[1]}")
+    if x.shape[0] > R_MAX:
+        return linear_tiled(x, qweight.shape[0], _tile_int8, qweight, scale)
+    out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
+    _run(_rows_int8, x, qweight, scale, out)
+    return out
+
+
+def linear_int4(x: np.ndarray, qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/2], f32 [out, G] -> [T, out]
+    """``x @ dequantize_int4(qweight, scales).T`` (group-wise int4, group = in / G columns)."""
+    x = _x32(x)
+    qweight = np.ascontiguousarray(qweight)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if 2 * qweight.shape[1] != x.shape[1] or x.shape[1] % scales.shape[1]:
+        raise ValueError(
+            f"linear_int4: x has {x.shape[1]} features; the weight holds {2 * qweight.shape[1]} "
+            f"in {scales.shape[1]} groups"
+        )
+    if x.shape[0] > R_MAX:
+        return linear_tiled(x, qweight.shape[0], _tile_int4, qweight, scales)
+    out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
+    if x.shape[1] // scales.shape[1] == INT4_FAST_GROUP:
+        x_even, x_odd = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])  # [T, in/2] each
+        _run(_rows_int4, x_even, x_odd, qweight, scales, out)
+    else:
+        _run(_rows_int4_any_group, x, qweight, scales, out)
+    return out
