@@ -121,7 +121,7 @@ def timing_line(out: Any) -> str:
     parts += [f"TTFT {1000 * ttft:.1f} ms", f"prefill {(prompt - cached) / ttft:.1f} tok/s"]
     if n >= 2 and out.finish_time is not None and out.finish_time > out.first_token_time:
         decode_s = out.finish_time - out.first_token_time
-        parts.append(f"decode {(n - 1) / decode_s:.1f} tok/s ({n - 1} tokens in {1000 * decode_s:.1f} ms)")
+        parts.append(f"decode {(n - 1) / decode_s:.1f} tok/s ({n - 1} token{'s' if n > 2 else ''} in {1000 * decode_s:.1f} ms)")
     return "; ".join(parts)
 
 

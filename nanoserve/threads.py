@@ -11,8 +11,11 @@ count, set here through ``threadpoolctl`` for the whole process:
 The policy: **one thread**, unless ``OPENBLAS_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says
 otherwise. OpenBLAS's threads meet at a barrier inside every product, so when another
 process holds one of the cores, the thread that is descheduled stalls the other, and a
-decode step waits for the scheduler rather than for arithmetic. The measurements behind
-the choice, and how they were taken: ``docs/threads.md`` (``python bench/threads.py``).
+step waits for the OS scheduler rather than for arithmetic: beside a busy loop on one of
+2 cores, two threads ran a 128-token prefill and 32 decoding requests 3-10x slower than
+one thread. On an idle machine two threads gain ~1.4x on long prompts and about nothing
+on decode, where every step reads all the weights for little arithmetic. The numbers and
+how they were taken: ``docs/threads.md`` (``python bench/threads.py``).
 
 The setting is process-wide (one BLAS library per process): the last ``apply`` wins.
 """

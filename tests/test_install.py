@@ -38,3 +38,26 @@ def test_a_backend_that_imports_an_empty_leftover_folder_says_so(tmp_path, monke
             get_backend("leftover")
     finally:
         sys.modules.pop("kernels_leftover", None)
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def test_the_dev_extra_pulls_no_cuda_toolkit_wheels_and_the_cuda_extras_do():
+    extras = _pyproject()["optional-dependencies"]
+    toolkit = "numba-cuda[cu12]"  # numba-cuda's extra that brings NVIDIA's toolkit wheels (~430 MB)
+    assert not any(req.startswith(toolkit) or req.startswith("nvidia-") for req in extras["dev"]), extras["dev"]
+    assert any(req.startswith("numba-cuda>=") for req in extras["dev"])  # the CUDA simulator needs numba-cuda alone
+    assert any(req.startswith(toolkit) for req in extras["cuda"]) and any(req.startswith(toolkit) for req in extras["ptx"])
+
+
+def test_the_notebooks_extra_installs_jupyter_and_what_the_notebooks_import():
+    notebooks = {req.split(">")[0].split("=")[0] for req in _pyproject()["optional-dependencies"]["notebooks"]}
+    assert {"jupyterlab", "ipykernel", "matplotlib", "httpx", "openai"} <= notebooks
+
+
+def test_threadpoolctl_is_a_dependency_since_every_command_sets_blas_threads_through_it():
+    assert any(req.startswith("threadpoolctl") for req in _pyproject()["dependencies"])
