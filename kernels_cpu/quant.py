@@ -41,13 +41,35 @@ again taking the block loop. For comparison, the plain float32 dot over the same
 Rounding: Q8_0, Q4_0 and int4 take their scale out of the block's sum (``d * sum(q * x)``),
 which bounds the error by the same ``|x| @ |W|.T`` as the reference's order; Q4_1 widens
 each weight exactly as the reference does (``d * q + m``, then the product), because its
-minimum ``m`` can cancel ``d * q``. All accumulate in float32; results differ from the
-reference only by summation order, within ``check_kernels.tolerances.DOT``.
+minimum ``m`` can cancel ``d * q`` (written as ``d * sum(q * x) + m * sum(x)``, with the
+block sums of x computed once per call, it also ran 3.5x slower: the extra accumulator
+kept the SLP vectorizer off the block). All accumulate in float32; results differ from
+the reference only by summation order, within ``check_kernels.tolerances.DOT``.
 
-Measured (``python bench/quant.py --kernels``): see that bench's docstring and
-``docs/benchmarks.md``; the thresholds below are where its table crosses over.
+Measured (``python bench/quant.py --kernels``: SmolLM2's gate/up [3072, 576], ms of thread
+CPU time, median of 15; AMD EPYC Zen 4, 2 cores, AVX-512; OpenBLAS on 1 thread as
+``nanoserve.threads`` sets it; load average 1.3, matrices in cache, so float32 is not yet
+bound by memory here as it is in the model):
 
-Threads: every kernel here runs on the calling thread (no ``prange``): see ``R_MAX``.
+    rows T     1      2      4      8     16     32     33     64    128    256
+    fp32     0.22   0.28   0.22   0.45   0.90   1.86   2.19   3.80   6.69  11.86
+    int8     0.09   0.34   0.47   0.78   1.40   3.13   2.25   3.30   6.14  11.96
+    q8_0     0.24   0.48   1.02   2.12   4.06   8.24   3.03   4.07   7.25  13.32
+    q4_1     0.32   0.64   1.23   2.51   5.06   9.73   3.41   4.56   7.70  13.62
+
+(that run had ``R_MAX = 32``; T = 33 is the tiled path). Hence ``R_MAX`` and ``R_MAX_INT8``
+below. In the model, a single-stream decode step spends most of its time in these
+kernels (``python bench/quant.py --profile gguf``): the float-activation lanes kernel
+widens about 4-6 G weights/s on one core, about what float32 reads from memory, so it
+saves memory (4 -> 0.6-1.06 bytes per weight) more than time. Int8 activations with
+integer dot products (VNNI) are the next step for speed.
+
+Threads: every kernel here runs on the calling thread (no ``prange``). A ``prange`` over
+output rows of the Q4_1 kernel, 2 threads, took 8.0 ms where the one-thread kernel took
+0.27 ms, measured while other processes kept the machine's load average at 3.4: the
+barrier at the end of each parallel loop waits for whichever thread was descheduled, as
+OpenBLAS's threads do (``nanoserve.threads``). So the kernels follow the one-thread
+policy; the prefill tiles' BLAS calls use the threads ``nanoserve.threads`` set.
 """
 
 from __future__ import annotations
@@ -63,8 +85,14 @@ from numba import njit
 from kernels_cpu.pointwise import FASTMATH
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
-#: Up to this many rows the fused kernels compute the product; above it, tiles into BLAS.
-R_MAX = 32
+#: Up to this many rows the block formats (Q8_0, Q4_0, Q4_1, int4) take the fused lanes
+#: kernel; above it, float32 tiles into BLAS. The lanes kernel re-widens a row's bytes for
+#: every input row, so its cost grows with T: on [3072, 576] Q8_0 it took 0.24 / 1.0 /
+#: 2.1 / 4.1 ms at T = 1 / 4 / 8 / 16, the tiled path about 2.7-3.0 ms at any T up to 33.
+R_MAX = 8
+#: The same for int8, whose rows are widened once into a scratch row shared by all T
+#: input rows: 1.4 ms at T = 16 and 3.1 at T = 32 against the tiled path's 2.3 ms at 33.
+R_MAX_INT8 = 16
 #: Output rows dequantized per BLAS tile on the prefill path (576-wide rows: 576 KiB, in L2).
 TILE_ROWS = 256
 #: The int4 group size with a vectorised kernel (``nanoserve.quant`` quantizes with it);
@@ -443,7 +471,7 @@ def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.nda
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     if qweight.shape[1] != x.shape[1]:
         raise ValueError(f"linear_int8: x has {x.shape[1]} features, the weight {qweight.shape[1]}")
-    if x.shape[0] > R_MAX:
+    if x.shape[0] > R_MAX_INT8:
         return linear_tiled(x, qweight.shape[0], _tile_int8, qweight, scale)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
     _run(_rows_int8, x, qweight, scale, out)

@@ -21,7 +21,7 @@ from nanoserve.quant import quantize
 
 FORMATS = ["int8", "int4", "q8_0", "q4_0", "q4_1"]
 GGUF_TYPE = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
-ROWS = [0, 1, 2, 3, 4, 5, 9, quant.R_MAX, quant.R_MAX + 1, 100]
+ROWS = sorted({0, 1, 2, 3, 4, 5, 9, quant.R_MAX, quant.R_MAX + 1, quant.R_MAX_INT8, quant.R_MAX_INT8 + 1, 100})
 
 
 def weight_arrays(fmt: str, out: int, inp: int, seed: int = 0) -> tuple:

@@ -1,0 +1,290 @@
+"""What each weight format costs and buys on the cpu backend: bytes, decode and prefill speed.
+
+For each of fp32, fp16, int8, int4 and ``gguf`` (the file's own blocks as shipped: Q4_1
+matrices, a Q8_0 embedding tied to the LM head), in one run, on one GGUF file:
+
+    bytes      every weight the run holds (``LlamaWeights.nbytes``), and bytes per weight
+    decode     single-stream greedy decode after a 16-token prompt: ``--new-tokens`` (64)
+               tokens, one engine step each -> tokens/s; median of ``--runs`` runs
+    prefill    one engine step over a 128-token prompt -> tokens/s; median of ``--runs``
+
+and the ratio of each to fp32, with a figure of tokens/s against bytes per weight. Each
+format is loaded once and warmed up (first calls compile or load the Numba kernels) before
+its timed runs. llama.cpp's ``llama-bench`` (pp128, tg128 on the same file) is the peer
+when ``--llama-bench PATH`` (or one on PATH) exists; otherwise the output says it is missing.
+
+    python bench/quant.py                          # the table and bench/results/quant.png
+    python bench/quant.py --kernels                # one matrix, every format, 1..256 rows
+    python bench/quant.py --profile gguf           # where a decode step's time goes
+
+``--kernels`` times one linear (SmolLM2's gate/up, [3072, 576]) per format and row count in
+thread CPU time (median of 15), against the cpu backend's float32 ``linear``: the table the
+thresholds of ``kernels_cpu.quant`` are read from. ``--profile FMT`` runs ``--new-tokens``
+decode steps under cProfile and prints the functions with the most time of their own.
+
+The machine is shared: the first line printed is ``uptime``'s load; compare ratios within
+one run, and repeat before trusting a difference under ~20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from bench.benchlib import default_gguf, environment, median, print_table, results_path, write_json  # noqa: E402
+from bench.prefill_decode import prompt_ids  # noqa: E402
+from nanoserve.config import EngineConfig  # noqa: E402
+
+FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
+KERNEL_ROWS = (1, 2, 4, 8, 16, 32, 33, 64, 128, 256)
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return "load average " + " ".join(f.read().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
+def make_engine(loaded: Any, weights: str, max_tokens: int) -> Any:
+    from nanoserve.engine import LLMEngine
+
+    block_size = 16
+    return LLMEngine(
+        EngineConfig(backend="cpu", weights=weights, block_size=block_size,
+                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512),
+        loaded=loaded,
+    )  # fmt: skip
+
+
+def run_request(engine: Any, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """``(first step s, the other steps s, token ids)`` for one greedy request alone in the engine."""
+    from nanoserve.sampling import SamplingParams
+
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True))
+    t0 = time.perf_counter()
+    outputs = engine.step()
+    t1 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, list(outputs[-1].token_ids)
+
+
+def bench_format(gguf: str, weights: str, args: argparse.Namespace) -> dict[str, Any]:
+    from nanoserve.model import load_checkpoint
+
+    loaded = load_checkpoint(gguf, weights)
+    prefill_prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
+    decode_prompt = prefill_prompt[: args.decode_prompt_tokens]
+    engine = make_engine(loaded, weights, args.prompt_tokens + args.new_tokens + 2)
+    run_request(engine, decode_prompt, 4)  # warm-up: compiles or loads the kernels
+    run_request(engine, prefill_prompt, 1)
+    decode_s, prefill_s, tokens = [], [], []
+    for _ in range(args.runs):
+        _, rest, tokens = run_request(engine, decode_prompt, args.new_tokens)
+        decode_s.append(rest)
+        first, _, _ = run_request(engine, prefill_prompt, 1)
+        prefill_s.append(first)
+    return {
+        "weights": weights,
+        "bytes": loaded.weights.nbytes(),
+        "decode_tps": args.new_tokens / median(decode_s),
+        "prefill_tps": args.prompt_tokens / median(prefill_s),
+        "decode_s": decode_s,
+        "prefill_s": prefill_s,
+        "token_ids": tokens,
+    }
+
+
+def llama_bench(path: str | None, gguf: str, threads: int) -> tuple[dict[str, float] | None, str]:
+    """llama.cpp's pp128 / tg128 on the same file, or None and why not."""
+    exe = path or shutil.which("llama-bench")
+    if not exe or not os.path.exists(exe):
+        return None, ("llama-bench not found (pass --llama-bench PATH; build it with "
+                      "shared/tools/install-llamacpp.sh, which builds llama-bench beside llama-server)")  # fmt: skip
+    cmd = [exe, "-m", gguf, "-p", "128", "-n", "128", "-t", str(threads), "-o", "csv"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{' '.join(cmd)} failed: {exc}"
+    if proc.returncode != 0:
+        return None, f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-200:]}"
+    import csv
+    import io
+
+    figures: dict[str, float] = {}
+    for row in csv.DictReader(io.StringIO(proc.stdout)):
+        kind = "pp128" if row.get("n_prompt") == "128" else "tg128"
+        figures[kind] = float(row["avg_ts"])
+    return figures, " ".join(cmd)
+
+
+def plot(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bpw = [r["bytes"] / params for r in rows]
+    for key, marker, label in (("decode_tps", "o", "decode, 1 stream"), ("prefill_tps", "s", "prefill, 128-token prompt")):
+        ax.plot(bpw, [r[key] for r in rows], marker, label=label, markersize=8)
+        for x, r in zip(bpw, rows, strict=True):
+            ax.annotate(r["weights"], (x, r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if peer:
+        q41 = next(r for r in rows if r["weights"] == "gguf")["bytes"] / params
+        for kind, marker in (("tg128", "o"), ("pp128", "s")):
+            if kind in peer:
+                ax.plot([q41], [peer[kind]], marker, mfc="none", color="k", markersize=10, label=f"llama.cpp {kind}")
+    ax.set_xlabel("bytes per weight (every tensor the run holds / parameters)")
+    ax.set_ylabel("tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    plt.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def kernels_table(threads_line: str) -> None:
+    """Thread CPU time of one [3072, 576] linear per format and row count (median of 15)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize as gguf_quantize
+
+    from nanoserve.kernels import get_backend
+    from nanoserve.quant import quantize
+
+    k = get_backend("cpu").kernels
+    w = (np.random.default_rng(0).standard_normal((3072, 576)) * 0.05).astype(np.float32)
+    formats = {
+        "fp32": (k.linear, (w,)),
+        "fp16": (k.linear, (w.astype(np.float16),)),
+        "int8": (k.linear_int8, quantize(w, "int8").arrays),
+        "int4": (k.linear_int4, quantize(w, "int4").arrays),
+        "q8_0": (k.linear_q8_0, (gguf_quantize(w, Q.Q8_0),)),
+        "q4_0": (k.linear_q4_0, (gguf_quantize(w, Q.Q4_0),)),
+        "q4_1": (k.linear_q4_1, (gguf_quantize(w, Q.Q4_1),)),
+    }
+    print(f"[3072, 576] linear, ms of thread CPU time, median of 15; {threads_line}")
+    rows = []
+    for name, (fn, arrays) in formats.items():
+        cells = [name]
+        for t in KERNEL_ROWS:
+            x = np.random.default_rng(t).standard_normal((t, 576)).astype(np.float32)
+            fn(x, *arrays)
+            times = []
+            for _ in range(15):
+                start = time.thread_time()
+                fn(x, *arrays)
+                times.append(time.thread_time() - start)
+            cells.append(f"{1000 * median(times):.3f}")
+        rows.append(cells)
+    print_table(["format"] + [f"T={t}" for t in KERNEL_ROWS], rows)
+
+
+def profile_decode(gguf: str, weights: str, args: argparse.Namespace) -> None:
+    from nanoserve.model import load_checkpoint
+    from nanoserve.sampling import SamplingParams
+
+    loaded = load_checkpoint(gguf, weights)
+    prompt = prompt_ids(loaded.tokenizer, args.decode_prompt_tokens)
+    engine = make_engine(loaded, weights, len(prompt) + args.new_tokens + 2)
+    run_request(engine, prompt, 4)
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=args.new_tokens + 1, ignore_eos=True))
+    engine.step()  # the prefill, not profiled
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    while engine.has_unfinished_requests():
+        engine.step()
+    profiler.disable()
+    elapsed = time.perf_counter() - start
+    print(f"{weights}: {args.new_tokens} decode steps in {elapsed:.2f} s ({args.new_tokens / elapsed:.1f} tok/s under the profiler)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per format (the median is reported)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode tokens per run")
+    ap.add_argument("--decode-prompt-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="prefill prompt length")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS threads (nanoserve.threads; default: its policy)")
+    ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench, the peer")
+    ap.add_argument("--kernels", action="store_true", help="only the per-matrix kernel table")
+    ap.add_argument("--profile", default=None, metavar="FMT", help="only profile FMT's decode steps")
+    ap.add_argument("--plot", default=None, help="figure path (default: bench/results/quant.png)")
+    ap.add_argument("--json", default=None, help="also write every timing to this JSON file")
+    args = ap.parse_args(argv)
+
+    from nanoserve import threads
+
+    threads_line = threads.apply(args.threads)
+    print(load_average())
+    print(environment())
+    print(threads_line)
+    if args.kernels:
+        kernels_table(threads_line)
+        return
+    gguf = args.model or default_gguf()
+    if args.profile:
+        profile_decode(gguf, args.profile, args)
+        return
+
+    rows = []
+    for weights in args.formats.split(","):
+        print(f"{weights} ...", flush=True)
+        rows.append(bench_format(gguf, weights, args))
+    params = next((r["bytes"] // 4 for r in rows if r["weights"] == "fp32"), None)
+    if params is None:  # without an fp32 row: count parameters from the fp32 load
+        from nanoserve.model import load_checkpoint
+
+        params = load_checkpoint(gguf, "fp32").weights.nbytes() // 4
+    base = next((r for r in rows if r["weights"] == "fp32"), rows[0])
+    peer, peer_note = llama_bench(args.llama_bench, gguf, 2)
+
+    print(f"\nmodel {os.path.basename(gguf)}, {params / 1e6:.1f} M parameters; decode: {args.new_tokens} tokens after "
+          f"a {args.decode_prompt_tokens}-token prompt; prefill: {args.prompt_tokens} tokens; median of {args.runs} runs; "
+          f"{load_average()} (at the end)\n")  # fmt: skip
+    table = []
+    for r in rows:
+        table.append([
+            r["weights"], f"{r['bytes'] / 2**20:.0f}", f"{r['bytes'] / params:.3f}",
+            f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / base['decode_tps']:.2f}x",
+            f"{r['prefill_tps']:.0f}", f"{r['prefill_tps'] / base['prefill_tps']:.2f}x",
+            f"{sum(a == b for a, b in zip(r['token_ids'], base['token_ids'], strict=False))}/{len(base['token_ids'])}",
+        ])  # fmt: skip
+    if peer:
+        gguf_row = next((r for r in rows if r["weights"] == "gguf"), None)
+        table.append([
+            "llama.cpp (file)", "-", "-", f"{peer.get('tg128', 0):.1f}",
+            f"{peer.get('tg128', 0) / base['decode_tps']:.2f}x", f"{peer.get('pp128', 0):.0f}",
+            f"{peer.get('pp128', 0) / base['prefill_tps']:.2f}x", "-",
+        ])  # fmt: skip
+        if gguf_row:
+            print(f"nanoserve gguf / llama.cpp tg128: {gguf_row['decode_tps'] / peer['tg128']:.2f}x")
+    print_table(["weights", "MiB", "bytes/weight", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32", "greedy = fp32's"], table)
+    if not peer:
+        print(f"\nllama.cpp: skipped ({peer_note})")
+    print("\ngreedy = fp32's: position-by-position agreement of the decoded tokens with the fp32 run's.")
+    plot(rows, params, peer, args.plot or results_path("quant.png"),
+         f"SmolLM2-135M on the cpu backend, median of {args.runs}; {load_average()}")  # fmt: skip
+    write_json(args.json, {"environment": environment(), "threads": threads_line, "rows": rows, "peer": peer, "peer_note": peer_note})
+
+
+if __name__ == "__main__":
+    main()
