@@ -343,7 +343,16 @@ def _int4_row(q_row, scales_row, row):  # uint8 [in/2], f32 [G], f32 [in] (writt
     """``row[c] = (nibble c - 8) * scale[c // group]``, exactly the reference's float32 weights."""
     n = row.shape[0]
     group = n // scales_row.shape[0]
-    for c in range(n):
+    if group % 2 == 0:  # both columns of every byte share a group: one scale per run of bytes
+        half = group // 2
+        for g in range(scales_row.shape[0]):
+            s = scales_row[g]
+            for k in range(g * half, (g + 1) * half):
+                byte = np.int32(q_row[k])
+                row[2 * k] = f32((byte & 0xF) - 8) * s
+                row[2 * k + 1] = f32((byte >> 4) - 8) * s
+        return
+    for c in range(n):  # an odd group size: a byte's two columns may fall in two groups
         nibble = (np.int32(q_row[c >> 1]) >> ((c & 1) * 4)) & 0xF
         row[c] = f32(nibble - 8) * scales_row[c // group]
 
