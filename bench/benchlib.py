@@ -39,8 +39,9 @@ def environment() -> str:
     """One line naming the machine and library versions, printed above every table."""
     import numpy as np
 
-    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, NumPy {np.__version__} (BLAS threads: {threads})"
+    from nanoserve import threads
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, NumPy {np.__version__}; {threads.describe()}"
 
 
 def warm_up(engine: Any, prompt: list[int]) -> None:

@@ -44,6 +44,7 @@ import httpx  # noqa: E402
 
 from bench.benchlib import environment, median, print_table, results_path, warm_up, write_json  # noqa: E402
 from bench.serve import free_port, stop, wait_ready  # noqa: E402
+from nanoserve import threads  # noqa: E402
 from nanoserve.config import EngineConfig  # noqa: E402
 from nanoserve.engine import LLMEngine  # noqa: E402
 from nanoserve.interfaces import ScheduledBatch  # noqa: E402
@@ -331,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    threads.apply(args.threads)
     print(environment(), f"load: {os.getloadavg()[0]:.2f}", flush=True)
     loaded = load_checkpoint(args.model, "fp32")
     workloads = {"copy-heavy": chat_prompts(loaded, COPY_HEAVY), "chat": chat_prompts(loaded, CHAT)}

@@ -157,6 +157,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()  # again: a field may have been changed since construction
+        if params.constrained:  # compile the constraint now: unsatisfiable, or too long for max_tokens, is an error
+            from nanoserve import structured
+
+            structured.prepare(params, self.tokenizer)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):

@@ -119,7 +119,8 @@ def test_greedy_output_is_identical_with_speculation(tiny_loaded, tiny_model_dir
 
 def test_greedy_is_identical_with_a_perfect_draft_and_all_counts_add_up(tiny_loaded, tiny_model_dir):
     """The target drafting for itself: every draft is accepted, each step commits k + 1 tokens."""
-    base = generate(engine(tiny_loaded), PROMPTS, GREEDY)
+    plain = engine(tiny_loaded)
+    base = generate(plain, PROMPTS, GREEDY)
     eng = engine(tiny_loaded, speculative="draft", num_speculative_tokens=4, draft_model=tiny_model_dir, draft_weights="fp32")
     outs = LLM(engine=eng).generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == base
@@ -129,7 +130,8 @@ def test_greedy_is_identical_with_a_perfect_draft_and_all_counts_add_up(tiny_loa
     assert sum(o.num_accepted_tokens for o in outs) == spec.num_accepted_tokens
     steps = list(eng.step_stats)
     assert sum(s.spec_draft_tokens for s in steps) == spec.num_draft_tokens
-    assert max(n for s in steps for _, n in s.scheduled) > 1 and eng.stats().num_steps < 20
+    assert max(n for s in steps for _, n in s.scheduled) > 1
+    assert eng.stats().num_steps < 0.75 * plain.stats().num_steps  # several tokens per step
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])

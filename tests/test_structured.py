@@ -278,11 +278,23 @@ def test_constrained_requests_survive_preemption_and_the_prefix_cache(tiny_loade
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_constrained_requests_stay_valid_with_speculative_decoding(tiny_loaded, tiny_model_dir, method):
     pattern = r"(abc|abd)( (abc|abd)){4}"
-    plain = generate(LLMEngine(loaded=tiny_loaded, num_blocks=256), ["abc abd abc abd"], regex=pattern, temperature=0, max_tokens=30)
-    extra = {"draft_model": tiny_model_dir, "draft_weights": "fp32"} if method == "draft" else {}
+    # no jump-forward here: its forced tokens leave nothing to draft (a request drafts only while decoding)
+    plain = generate(LLMEngine(loaded=tiny_loaded, num_blocks=256), ["abc abd abc abd"], regex=pattern, temperature=0, max_tokens=30, jump_forward=False)
+    extra = {"draft_model": tiny_model_dir, "draft_weights": "fp32"} if method == "draft" else {"prompt_lookup_min": 1}
     spec = LLMEngine(loaded=tiny_loaded, num_blocks=256, speculative=method, num_speculative_tokens=3, **extra)
-    outs = generate(spec, ["abc abd abc abd"], regex=pattern, temperature=0, max_tokens=30)
+    propose, drafted = spec.speculator.propose, []
+
+    def checked_propose(requests):  # every draft that reaches verification is one the constraint allows
+        propose(requests)
+        for r in requests:
+            assert structured.valid_draft_prefix(r, r.spec_token_ids) == len(r.spec_token_ids)
+            drafted.append(len(r.spec_token_ids))
+
+    spec.speculator.propose = checked_propose
+    outs = generate(spec, ["abc abd abc abd"], regex=pattern, temperature=0, max_tokens=30, jump_forward=False)
     assert outs[0].token_ids == plain[0].token_ids and re.fullmatch(pattern, outs[0].text)
+    if method == "ngram":  # the draft model guesses without the constraint: most of its guesses are cut
+        assert sum(drafted) > 0
 
 
 def test_valid_draft_prefix_cuts_at_the_first_rejected_draft(tiny_engine, tiny_loaded):

@@ -409,8 +409,8 @@ async def _submit(
         max_tokens = req.requested_max_tokens or max(1, room)
         for i in range(n):
             request_id = f"{job_id}-{p * n + i}"
-            try:
-                params = proto.sampling_params(req, max_tokens, i)
+            try:  # a constraint is compiled here, off the event loop (cached: one compile per schema)
+                params = await asyncio.to_thread(proto.sampling_params, req, max_tokens, i, state.engine.tokenizer)
             except InvalidSamplingParams as exc:
                 raise _engine_error(state, exc, prompt_param) from None
             subs.append(SubRequest(request_id, ids, params))

@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nanoserve.sampling import SampleResult, add_logprobs, draw, probabilities, sample
+from nanoserve.sampling import (
+    SampleResult,
+    add_logprobs,
+    draw,
+    forced_results,
+    jumps_forward,
+    probabilities,
+    sample,
+)
 
 if TYPE_CHECKING:
     from nanoserve.request import Request
@@ -115,6 +123,8 @@ class RejectionSampler:
             at = 0
             for i in plain:
                 out[i], at = results[at : at + num_logits[i]], at + num_logits[i]
+                if num_logits[i] == 1 and jumps_forward(requests[i].params):  # a constraint's forced tokens
+                    out[i] = out[i] + forced_results(requests[i], out[i][0].token_id)
         for i, request in enumerate(requests):
             if not drafting[i]:
                 continue

@@ -53,6 +53,10 @@ class Speculator:
             return
         drafts = self.proposer.propose([r for r, _ in asked], [k for _, k in asked])
         for (request, k), draft in zip(asked, drafts):
+            if request.params.constrained:  # a draft past the first one the constraint forbids can never be accepted
+                from nanoserve import structured
+
+                k = min(k, structured.valid_draft_prefix(request, list(draft.token_ids[:k])))
             request.spec_token_ids = list(draft.token_ids[:k])
             request.spec_probs = None if draft.probs is None or not request.spec_token_ids else draft.probs[: len(request.spec_token_ids)]
 
