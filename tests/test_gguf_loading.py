@@ -201,7 +201,7 @@ def test_gguf_with_weights_gguf_keeps_quantized_blocks_in_memory(gguf_files: dic
     assert isinstance(layer.w_qkv, QuantizedWeight) and layer.w_qkv.format == "q4_1"
     assert layer.w_qkv.shape == ((NUM_HEADS + 2 * NUM_KV_HEADS) * 16, 64)
     assert isinstance(loaded.weights.lm_head, QuantizedWeight)  # tied: the quantized embedding
-    assert loaded.weights.embed.dtype == np.float32
+    assert loaded.weights.embed is loaded.weights.lm_head and loaded.weights.embed.format == "q4_1"  # one table, kept quantized
 
 
 def test_gguf_config_comes_from_metadata_and_ties_the_lm_head(gguf_files: dict[str, str], tiny_loaded) -> None:
