@@ -1,10 +1,11 @@
-"""``python -m nanoserve``: generate, chat, serve, check-kernels.
+"""``python -m nanoserve``: generate, chat, serve, check-kernels, lab.
 
     python -m nanoserve generate "Why is the sky blue?"          # streamed answer
     python -m nanoserve generate --file prompts.txt --raw        # a batch, one prompt per line
     python -m nanoserve chat                                     # interactive, chat template
     python -m nanoserve serve --port 8000                        # OpenAI-compatible HTTP API
     python -m nanoserve check-kernels --backend cuda             # grade a kernel backend
+    python -m nanoserve lab check 04 labs_04/student.py          # grade a teaching lab
 
 The CLI is a thin shell over :class:`nanoserve.engine.LLMEngine`. Every command first
 applies the thread policy (``--threads``, :mod:`nanoserve.threads`) and prints its line to
@@ -390,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")
     check_kernels.add_arguments(ck)
     ck.set_defaults(func=check_kernels.run)
+
+    from nanoserve.labs import cli as labs_cli
+
+    lab = sub.add_parser("lab", help="teaching labs: list them, start one, check your work")
+    labs_cli.add_arguments(lab)
+    lab.set_defaults(func=labs_cli.run)
     return parser
 
 
