@@ -13,8 +13,9 @@ temporaries dominates, and takes the rest from the reference on purpose:
                           temporaries), the quantized linears linear_int8, linear_int4,
                           linear_q8_0, linear_q4_0, linear_q4_1 (kernels_cpu.quant: the
                           bytes widened in registers for decode rows, never a float
-                          matrix; a float32 tile at a time into BLAS for prefill rows)
-    BLAS, reordered       linear: a decode batch's few rows go through (W @ x.T).T
+                          matrix; a float32 tile at a time into BLAS for prefill rows),
+                          and linear for up to 16 rows (kernels_cpu.linear: each weight
+                          row read once for all rows of the step; BLAS above 16 rows)
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
     the reference's       silu_mul and softmax (SIMD ufuncs), attention (BLAS), the
     (already the best     sampling filters, and the prefill chunks of paged_attention
