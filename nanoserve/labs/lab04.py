@@ -51,14 +51,14 @@ class Trace:
         return "; ".join(self.lines)
 
 
-def replay(cls: type, num_blocks: int, ops: list[tuple[str, int]], trace: Trace, holders_check: bool = False) -> None:
+def replay(cls: type, num_blocks: int, ops: list[tuple[str, int]], trace: Trace, holders_check: bool = False, label: str = "shortest failing sequence") -> None:
     """Run ``ops`` on ``cls(num_blocks)`` and on the naive model; raise at the first difference."""
     pool = cls(num_blocks)
     refcount = [0] * num_blocks
     held: list[int] = []  # one entry per reference handed out
 
     def fail(what: str, hint: str = HINT_REFCOUNT) -> None:
-        raise CriterionFailed(f"{what}\n  shortest failing sequence: {trace}", hint)
+        raise CriterionFailed(f"{what}\n  {label}: {trace}", hint)
 
     def agree() -> None:
         free = refcount.count(0)
@@ -169,7 +169,7 @@ def invariants(sub: Submission) -> str:
     cls = sub.module.BlockPool
     ops = [("allocate", 3), ("share", 0), ("share", 1), ("free", 0), ("revive", 0), ("allocate", 2), ("free", 2), ("free", 0), ("double_free", 0)]
     try:
-        replay(cls, 6, ops, Trace(6), holders_check=True)
+        replay(cls, 6, ops, Trace(6), holders_check=True, label="the sequence it failed on")
     except AssertionError as exc:
         raise CriterionFailed(f"check_invariants rejected a correct state: {exc}", "compare refcounts with the holders given, block by block") from exc
     pool = cls(4)
