@@ -27,10 +27,13 @@ LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 SPECULATIVE_METHODS: tuple[str, ...] = ("none", "ngram", "draft")  # nanoserve.spec
 
 
-def setting(default: Any, help: str, choices: tuple[str, ...] | None = None, env: str | None = None) -> Any:
-    """A config field: ``default``, the ``--help`` text, optional choices, and an optional
-    environment variable that supplies the default on the command line."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "env": env})
+def setting(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, env: str | None = None, aliases: tuple[str, ...] = ()
+) -> Any:
+    """A config field: ``default``, the ``--help`` text, optional choices, an optional
+    environment variable that supplies the default on the command line, and other flag
+    names that mean the same (another engine's name for it)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "env": env, "aliases": aliases})
 
 
 @dataclass
@@ -74,6 +77,7 @@ class EngineConfig:
         "fcfs",
         "scheduler: fcfs (admit in arrival order), lpm (admit the longest cached prefix first, "
         "never passing a request over more than 32 times), or FILE.py:NAME",
+        aliases=("--schedule-policy",),  # SGLang's name
     )
     sampler: str = setting("default", "sampler implementation: default (seeded, per request), or FILE.py:NAME")
     threads: int | None = setting(
@@ -154,14 +158,13 @@ def add_arguments(
             default = os.environ.get(f.metadata["env"], default)
         help_text = f.metadata["help"]
         kind = _value_type(hints[f.name])
+        names = (flag(f.name), *f.metadata.get("aliases", ()))
         if kind is bool:
-            group.add_argument(flag(f.name), action="store_true", default=default, help=help_text)
+            group.add_argument(*names, action="store_true", default=default, help=help_text)
             continue
         if default is not None and f.metadata.get("env") is None:
             help_text += f" (default: {default})"
-        group.add_argument(
-            flag(f.name), type=kind, default=default, choices=f.metadata.get("choices"), help=help_text
-        )
+        group.add_argument(*names, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def from_args(config_class: type[Config], args: argparse.Namespace, **overrides: Any) -> Config:

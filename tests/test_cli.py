@@ -275,3 +275,14 @@ def test_serve_refuses_a_bad_or_busy_port_before_loading_the_model(tiny_model_di
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = str(busy.getsockname()[1])
         assert_error(*run_main(capsys, "serve", "--model", "/no/model/needed", "--port", port), f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_schedule_policy_is_sglangs_name_for_scheduler():
+    import argparse
+
+    from nanoserve import config
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, config.EngineConfig, "engine")
+    assert parser.parse_args(["--schedule-policy", "lpm"]).scheduler == "lpm"
+    assert parser.parse_args(["--scheduler", "lpm"]).scheduler == "lpm"
