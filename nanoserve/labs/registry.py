@@ -35,7 +35,14 @@ class Lab:
 
     @property
     def folder(self) -> str:
-        return os.path.join(LABS_DIR, f"{self.number}_{self.name}")
+        """``labs/NN_name`` of the source tree; the labs ship with the repository, not the wheel."""
+        folder = os.path.join(LABS_DIR, f"{self.number}_{self.name}")
+        if not os.path.isdir(folder):
+            raise LabError(
+                f"lab {self.number}'s lesson and stub are not here ({folder}): the labs come with the source; "
+                "clone the repository and install it with pip install -e ."
+            )
+        return folder
 
     @property
     def stub(self) -> str:
