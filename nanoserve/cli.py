@@ -55,10 +55,49 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     )
 
 
+def add_constraint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Structured-output flags (``generate``): at most one constraint (docs/structured.md)."""
+    g = parser.add_argument_group("structured output (at most one)")
+    g.add_argument("--regex", default=None, help="the answer must match this regular expression")
+    g.add_argument("--json-schema", metavar="JSON_OR_FILE", default=None, help="the answer must be JSON valid against this schema (inline JSON, or a file holding it)")
+    g.add_argument("--json-object", action="store_true", help="the answer must be a JSON object")
+    g.add_argument("--choice", action="append", default=None, help="the answer must be exactly one of these strings; repeatable")
+    g.add_argument("--no-jump-forward", action="store_true", help="sample every token, even those the constraint forces")
+
+
+def constraint_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingParams fields the structured-output flags set (none when they are absent)."""
+    import json
+
+    from nanoserve.errors import InvalidSamplingParams
+
+    fields: dict[str, Any] = {}
+    if getattr(args, "regex", None) is not None:
+        fields["regex"] = args.regex
+    schema = getattr(args, "json_schema", None)
+    if schema is not None:
+        try:
+            if os.path.isfile(schema):
+                with open(schema) as f:
+                    fields["json_schema"] = json.load(f)
+            else:
+                fields["json_schema"] = json.loads(schema)
+        except (OSError, ValueError) as exc:
+            raise InvalidSamplingParams(f"invalid --json-schema: neither a readable file nor JSON ({exc})") from None
+    if getattr(args, "json_object", False):
+        fields["json_schema"] = {"type": "object"}
+    if getattr(args, "choice", None):
+        fields["choice"] = list(args.choice)
+    if fields and getattr(args, "no_jump_forward", False):
+        fields["jump_forward"] = False
+    return fields
+
+
 def sampling_params(args: argparse.Namespace) -> Any:
     from nanoserve.sampling import SamplingParams
 
     return SamplingParams(
+        **constraint_fields(args),
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -372,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verbose", action="store_true", help="end with a stderr line: prompt and output tokens, TTFT, prefill and decode tok/s")
     config.add_arguments(gen, EngineConfig, "model and engine")
     add_sampling_arguments(gen)
+    add_constraint_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="an interactive chat in the terminal")

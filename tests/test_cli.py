@@ -286,3 +286,22 @@ def test_schedule_policy_is_sglangs_name_for_scheduler():
     config.add_arguments(parser, config.EngineConfig, "engine")
     assert parser.parse_args(["--schedule-policy", "lpm"]).scheduler == "lpm"
     assert parser.parse_args(["--scheduler", "lpm"]).scheduler == "lpm"
+
+
+def test_generate_constraint_flags(tiny_model_dir: str, tmp_path) -> None:
+    """--choice, --regex and --json-schema (inline or a file) constrain the answer; bad JSON is one line, exit 2."""
+    import re
+
+    choice = nanoserve("generate", "--model", tiny_model_dir, "--raw", "--temperature", "0", "--choice", "yes", "--choice", "no", PROMPTS[0])
+    assert choice.returncode == 0, choice.stderr
+    assert choice.stdout.strip() in {"yes", "no"}
+    regex = nanoserve("generate", "--model", tiny_model_dir, "--raw", "--temperature", "1", "--seed", "3", "--regex", "[0-9]{3}-[a-c]{2}", PROMPTS[1])
+    assert regex.returncode == 0, regex.stderr
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", regex.stdout.strip())
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    answer = nanoserve("generate", "--model", tiny_model_dir, "--raw", "--temperature", "0", "--max-tokens", "40", "--json-schema", str(schema), PROMPTS[2])
+    assert answer.returncode == 0, answer.stderr
+    assert isinstance(json.loads(answer.stdout)["n"], int)
+    bad = nanoserve("generate", "--model", tiny_model_dir, "--json-schema", "{bad", PROMPTS[0])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: invalid --json-schema")
