@@ -13,8 +13,8 @@ speculation down for each:
 * **A large batch.** A decode step is bound by reading the weights only while it has few
   rows; past that its cost grows with every row, drafts included. So the drafts of one
   step are capped at ``max_rows - (requests decoding)`` in all, shared out in batch
-  order. With ``max_rows`` = 8 (the default), one stream gets up to 7 drafts, two get 3
-  each, and 8 streams never speculate. Measured on the cpu backend (fp32 SmolLM2, context
+  order. With ``max_rows`` = 8 (the default), one stream gets up to 7 drafts, two share
+  6 (k = 4: 4 and 2), and 8 streams never speculate. Measured on the cpu backend (fp32 SmolLM2, context
   256, ``bench/forward_rows.py``): a 5-row forward pass costs 1.5-1.7x a 1-row one, a
   9-row pass 2.1-2.4x, and with 8 streams one draft each (16 rows against 8) made
   decoding 5% slower although 70% of the drafts were accepted (``bench/speculative.py``).
