@@ -2,6 +2,7 @@
 
     python bench/structured.py            # SmolLM2, 4 prompts, 96 tokens each (~5 minutes on 2 cores)
     python bench/structured.py --quick    # 2 prompts, 48 tokens (a minute)
+    python bench/structured.py --llama-server /work/llamacpp-build/bin/llama-server   # plus the peer
 
 Strings are unbounded: ``maxLength: n`` unrolls a string's automaton n times (each copy
 allows almost every token), which multiplies compile time and index size; the token budget
@@ -11,6 +12,19 @@ as JSON. Three runs of the same prompts, one stream at a time:
     free        no constraint (the prompt describes the schema)
     constrained json_schema, jump_forward=False
     jump        json_schema, jump_forward=True
+
+With ``--llama-server PATH``, llama.cpp's server runs the same prompts (token ids, on the
+same GGUF, to its native ``/completion``, greedy, same ``n_predict``, ``cache_prompt:
+false``, one request at a time) as two more rows, engine ``llama-server``:
+
+    free        no constraint
+    constrained ``"json_schema": SCHEMA`` in the body (llama.cpp turns it into a GBNF grammar)
+
+Their tok/s is counted the same way (``timings.predicted_n`` summed / wall time of the
+requests) and their outputs are checked by the same ``valid``; each nanoserve row gets its
+tok/s ratio against the matching llama-server row (free against free, constrained and jump
+against constrained). If llama-server is absent or fails, its rows are reported as skipped
+with the reason; nanoserve's measurement goes on regardless.
 
 Reported per run: output tok/s (all output tokens / wall time), forward passes per output
 token (engine steps / output tokens), the share of output tokens jump-forward supplied,
@@ -24,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -109,10 +125,54 @@ def valid(text: str) -> bool:
         return False
 
 
+def llama_server_runs(path: str, gguf: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """The same prompts through llama-server, free and with ``json_schema``; raises on any failure."""
+    import httpx
+
+    from bench.serve import free_port, stop, wait_ready
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if not gguf.endswith(".gguf"):
+        raise ValueError(f"llama-server needs a .gguf model, not {gguf}")
+    port = free_port()
+    ctx = max(len(p) for p in prompts) + max_tokens + 16
+    cmd = [path, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "--parallel", "1",
+           "--ctx-size", str(ctx), "--threads", str(os.cpu_count() or 2)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    try:
+        wait_ready(url, proc, 120)
+        with httpx.Client(base_url=url, timeout=600) as client:
+
+            def complete(ids: list[int], n: int, **constraint: Any) -> dict[str, Any]:
+                body = {"prompt": ids, "n_predict": n, "temperature": 0, "cache_prompt": False, **constraint}
+                response = client.post("/completion", json=body)
+                response.raise_for_status()
+                return response.json()
+
+            for name, constraint in [("free", {}), ("constrained", {"json_schema": SCHEMA})]:
+                complete(prompts[0], 4, **constraint)  # warm up
+                start = time.perf_counter()
+                answers = [complete(ids, max_tokens, **constraint) for ids in prompts]  # one stream at a time
+                wall = time.perf_counter() - start
+                results[name] = {
+                    "texts": [a["content"] for a in answers],
+                    "tokens": sum(a["timings"]["predicted_n"] for a in answers),
+                    "wall": wall,
+                    "predicted_per_second": [a["timings"]["predicted_per_second"] for a in answers],
+                }
+    finally:
+        stop(proc)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--llama-server", metavar="PATH", default=None, help="also run llama.cpp's llama-server (the peer)")
     args = parser.parse_args()
     from nanoserve import structured
     from nanoserve.engine import LLMEngine
@@ -120,7 +180,8 @@ def main() -> None:
     from nanoserve.model.registry import resolve_model
     from nanoserve.sampling import SamplingParams
 
-    loaded = load_checkpoint(resolve_model(None))
+    model_path = resolve_model(None)
+    loaded = load_checkpoint(model_path)
     engine = LLMEngine(loaded=loaded, num_blocks=256)
     tok = engine.tokenizer
     people = PEOPLE[:2] if args.quick else PEOPLE
@@ -139,10 +200,21 @@ def main() -> None:
         "constrained": run(engine, prompts, max_tokens, json_schema=SCHEMA, jump_forward=False),
         "jump": run(engine, prompts, max_tokens, json_schema=SCHEMA, jump_forward=True),
     }
+    peer: dict[str, Any] = {}
+    skipped = None
+    if args.llama_server:
+        try:
+            peer = llama_server_runs(args.llama_server, model_path, prompts, max_tokens)
+        except (Exception, SystemExit) as e:  # wait_ready raises SystemExit; never stop nanoserve's report
+            skipped = f"{type(e).__name__}: {e}"
+    peer_of = {"free": "free", "constrained": "constrained", "jump": "constrained"}
     rows = []
     for name, r in results.items():
+        p = peer.get(peer_of[name])
+        ratio = None if not p else f"{(r['tokens'] / r['wall']) / (p['tokens'] / p['wall']):.2f}x"
         rows.append(
             [
+                "nanoserve",
                 name,
                 f"{r['tokens'] / r['wall']:.1f}",
                 f"{r['steps'] / max(1, r['tokens']):.2f}",
@@ -150,17 +222,26 @@ def main() -> None:
                 f"{sum(map(valid, r['texts']))}/{len(r['texts'])}",
                 f"{1000 * r['process'] / max(1, r['steps']):.2f}",
                 f"{1000 * r['wall'] / max(1, r['steps']):.1f}",
+                ratio,
             ]
         )
+    for name, p in peer.items():
+        valid_n = f"{sum(map(valid, p['texts']))}/{len(p['texts'])}"
+        rows.append(["llama-server", name, f"{p['tokens'] / p['wall']:.1f}", None, None, valid_n, None, None, None])
     print(environment())
     print(f"vocabulary (once per tokenizer): {vocab_s * 1000:.0f} ms")
     print(f"schema compile (8 fields, fresh cache): {compile_s * 1000:.0f} ms; {index.num_states} states, {index.tokens.size} entries")
-    print_table(["run", "tok/s", "passes/token", "jump-forward share", "valid", "process ms/step", "step ms"], rows)
+    headers = ["engine", "run", "tok/s", "passes/token", "jump-forward share", "valid", "process ms/step", "step ms", "vs llama-server"]
+    print_table(headers, rows)
+    if skipped:
+        print(f"llama-server: skipped ({skipped})")
     free_process = results["free"]["process"] / max(1, results["free"]["steps"])
     mask = results["constrained"]["process"] / max(1, results["constrained"]["steps"]) - free_process
     step = results["constrained"]["wall"] / max(1, results["constrained"]["steps"])
     print(f"mask overhead: {1000 * mask:.2f} ms/step = {mask / step:.1%} of a decode step")
-    write_json(results_path("structured.json"), {"compile_s": compile_s, "runs": results, "mask_overhead_s": mask, "step_s": step})
+    peer_json = {"skipped": skipped} if skipped else peer or None
+    report = {"compile_s": compile_s, "runs": results, "mask_overhead_s": mask, "step_s": step, "llama_server": peer_json}
+    write_json(results_path("structured.json"), report)
 
 
 if __name__ == "__main__":
