@@ -51,3 +51,8 @@ def test_notebook_05_prefix_cache_runs_without_errors(monkeypatch: pytest.Monkey
 @pytest.mark.real_model
 def test_notebook_06_speculative_decoding_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert execute_notebook("06_speculative_decoding.ipynb", monkeypatch) == []
+
+
+@pytest.mark.real_model
+def test_notebook_08_structured_output_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert execute_notebook("08_structured_output.ipynb", monkeypatch) == []
