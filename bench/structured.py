@@ -2,7 +2,7 @@
 
     python bench/structured.py            # SmolLM2, 4 prompts, 96 tokens each (~5 minutes on 2 cores)
     python bench/structured.py --quick    # 2 prompts, 48 tokens (a minute)
-    python bench/structured.py --llama-server /work/llamacpp-build/bin/llama-server   # plus the peer
+    python bench/structured.py --llama-server PATH/TO/llama-server   # plus the peer
 
 Strings are unbounded: ``maxLength: n`` unrolls a string's automaton n times (each copy
 allows almost every token), which multiplies compile time and index size; the token budget
