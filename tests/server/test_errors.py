@@ -158,6 +158,12 @@ def test_a_full_waiting_queue_answers_503_with_retry_after(tiny_model_dir: str) 
         "stream": True,
     }
     with serve_tiny(tiny_model_dir, {"num_blocks": 64, "max_num_seqs": 1}, max_waiting=1) as server:
+
+        def slow_steps(engine) -> None:  # 5 ms a step: the tiny model would finish 480 tokens in well under a second
+            step = engine.step
+            engine.step = lambda: (time.sleep(0.005), step())[1]
+
+        server.async_engine.run_in_engine(slow_steps)
         with (
             httpx.Client(base_url=server.url, timeout=30) as a,
             httpx.Client(base_url=server.url, timeout=30) as b,
