@@ -38,12 +38,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from nanoserve.engine import LLMEngine
 from nanoserve.errors import (
@@ -61,6 +59,7 @@ from nanoserve.server import protocol as proto
 from nanoserve.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from nanoserve.server.metrics import ServerMetrics
 from nanoserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+from nanoserve.server.security import add_cross_site_middleware, host_names
 from nanoserve.server.shapes import ChatShape, CompletionShape, Job, response
 
 logger = logging.getLogger("nanoserve.server")
@@ -70,7 +69,6 @@ DRAIN_LIMIT_BYTES = 16 << 20  # read (and drop) at most this much of a too-large
 SHUTTING_DOWN = "the request was aborted: the server is shutting down"
 CLIENT_CLOSED = 499  # the status of a request whose client went away before its answer (nginx's)
 access_logger = logging.getLogger("uvicorn.access")  # uvicorn's access log (off with --no-access-log)
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -118,7 +116,7 @@ def create_app(
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
         retry_after_s=retry_after_s,
-        allowed_hosts=_host_names(allowed_hosts),
+        allowed_hosts=host_names(allowed_hosts),
         token_text=proto.TokenText(async_engine.tokenizer),
     )
 
@@ -136,71 +134,10 @@ def create_app(
         title="nanoserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.server = state
-    _add_middleware(app, state, list(allowed_origins))
+    add_cross_site_middleware(app, state, list(allowed_origins), lambda error: _error_response(state, error))
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
-
-
-# --- cross-site protection -------------------------------------------------------------------
-def host_name(value: str) -> str:
-    """The name in a Host header or address, without port: ``[::1]:8000`` -> ``::1``."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        value = value[1:].partition("]")[0]
-    elif value.count(":") == 1:
-        value = value.partition(":")[0]
-    return value.rstrip(".")
-
-
-def _host_names(allowed: Iterable[str]) -> frozenset[str] | None:
-    """The Host names a server answers: loopback and ``allowed``; None if ``allowed`` has ``"*"``."""
-    names = {host_name(name) for name in allowed if name.strip()}
-    return None if "*" in names else frozenset(names.union(LOOPBACK_HOSTS))
-
-
-class HostCheck:
-    """ASGI middleware: 403 for a Host header the server does not answer to.
-
-    A page on another site that has pointed its own name at this address (DNS rebinding)
-    makes the browser send that name as the Host; refusing it keeps the page out.
-    A request without a Host header (HTTP/1.0) cannot come from a browser and passes.
-    """
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        allowed = self.state.allowed_hosts
-        host = Headers(scope=scope).get("host", "") if scope["type"] in ("http", "websocket") else ""
-        if host and allowed is not None and host_name(host) not in allowed:
-            await _error_response(self.state, _host_refused(host, allowed))(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-def _host_refused(host: str, allowed: frozenset[str]) -> APIError:
-    names = ", ".join(sorted(allowed))
-    return APIError(
-        403,
-        f"Host header {host!r} is not allowed: this server answers to {names}; "
-        "start it with --allowed-hosts to add names",
-        "permission_error",
-        code="host_not_allowed",
-    )
-
-
-def _add_middleware(app: FastAPI, state: ServerState, origins: list[str]) -> None:
-    """CORS only for explicitly allowed origins; the Host check outermost, before anything answers."""
-    if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
-    app.add_middleware(HostCheck, state=state)
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import pytest
 
 from nanoserve.config import ServerConfig
 from nanoserve.errors import NanoserveError
-from nanoserve.server.app import _host_names, host_name
 from nanoserve.server.cli import check_server_config
 from nanoserve.server.protocol import MAX_CHOICES
+from nanoserve.server.security import host_name, host_names
 from tests.server.conftest import RunningServer, assert_error_shape, chat, serve_tiny
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -106,11 +106,11 @@ def test_allowed_hosts_add_names(guarded_server: RunningServer) -> None:
     assert httpx.get(get, headers={"host": "other.example"}, timeout=10).status_code == 403
 
 
-def test_host_names() -> None:
+def testhost_names() -> None:
     assert host_name("[::1]:8000") == "::1" and host_name("::1") == "::1"
     assert host_name("Example.COM.:80") == "example.com"
-    assert _host_names(["a", "*"]) is None
-    assert _host_names([" 0.0.0.0 "]) == {"0.0.0.0", "127.0.0.1", "localhost", "::1"}
+    assert host_names(["a", "*"]) is None
+    assert host_names([" 0.0.0.0 "]) == {"0.0.0.0", "127.0.0.1", "localhost", "::1"}
 
 
 # --- CORS -----------------------------------------------------------------------------------
