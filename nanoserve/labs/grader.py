@@ -1,6 +1,6 @@
 """The grader framework: a lab's criteria, run in order over a student's file, and the report.
 
-A lab (:class:`nanoserve.labs.registry.Lab`) lists its :class:`Criterion` objects in the
+A lab (:class:`Lab`, one per ``nanoserve/labs/labNN.py``, listed in ``registry``) lists its :class:`Criterion` objects in the
 order the course grades them:
 
     1 signatures    the student's names and parameters match the reference       gate
@@ -24,12 +24,20 @@ exit code of ``python -m nanoserve lab check`` is 0, 1 or 2 accordingly.
 from __future__ import annotations
 
 import json
+import os
 import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nanoserve.errors import NanoserveError
+
 PASS, FAIL, BLOCKED, NOT_RUN = "pass", "FAIL", "blocked", "not run"
+LABS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "labs")
+
+
+class LabError(NanoserveError):
+    """A lab command was given something it cannot use (unknown lab, bad path)."""
 
 
 class CriterionFailed(Exception):
@@ -64,6 +72,33 @@ class Criterion:
     check: Callable[[Submission], str]
     points: int = 0
     gate: bool = False
+
+
+@dataclass(frozen=True)
+class Lab:
+    """One lab: its number and folder, what the student's piece replaces, and its grader."""
+
+    number: str  # "01"
+    name: str  # the folder's suffix: labs/01_pointwise_kernels
+    title: str
+    module: str  # what the student's piece replaces
+    criteria: tuple[Criterion, ...]
+    speed: Callable[[Submission], str]
+
+    @property
+    def folder(self) -> str:
+        """``labs/NN_name`` of the source tree; the labs ship with the repository, not the wheel."""
+        folder = os.path.join(LABS_DIR, f"{self.number}_{self.name}")
+        if not os.path.isdir(folder):
+            raise LabError(
+                f"lab {self.number}'s lesson and stub are not here ({folder}): the labs come with the source; "
+                "clone the repository and install it with pip install -e ."
+            )
+        return folder
+
+    @property
+    def stub(self) -> str:
+        return os.path.join(self.folder, "student.py")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 
 import kernels_ref
 from nanoserve.labs.common import check_imports, check_signatures, compare_tokens, load_module, run_engine
-from nanoserve.labs.grader import Criterion, CriterionFailed, Submission
+from nanoserve.labs.grader import Criterion, CriterionFailed, Lab, Submission
 
 KERNELS = ("rms_norm", "rope", "silu_mul", "softmax")
 
@@ -148,3 +148,5 @@ CRITERIA = [
     Criterion("invariants", "shape, dtype and the mathematical invariants of each kernel", invariants, points=20),
     Criterion("integration", "the real engine on the student's kernels: greedy tokens equal the reference's", integration, points=30),
 ]
+
+LAB = Lab("01", "pointwise_kernels", "pointwise kernels: rms_norm, rope, silu_mul, softmax", "kernels_ref", tuple(CRITERIA), speed)

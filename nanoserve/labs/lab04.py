@@ -19,7 +19,7 @@ from typing import Any
 
 from nanoserve.cache.block_pool import BlockPool, NoFreeBlocksError
 from nanoserve.labs.common import check_imports, check_signatures, compare_tokens, load_module, run_engine
-from nanoserve.labs.grader import Criterion, CriterionFailed, Submission
+from nanoserve.labs.grader import Criterion, CriterionFailed, Lab, Submission
 
 HINT_REFCOUNT = "free() drops ONE holder: the block is free only when its refcount reaches 0"
 TIGHT = {"num_blocks": 14, "block_size": 4, "max_num_batched_tokens": 8, "max_num_seqs": 3}
@@ -234,3 +234,5 @@ CRITERIA = [
     Criterion("integration", "the pool in the real engine: preemption and eviction, greedy tokens equal", integration, points=30),
     Criterion("counters", "peak blocks and preemptions equal the reference pool's", counters, points=10),
 ]
+
+LAB = Lab("04", "block_pool", "the block pool: refcounts and a free list", "nanoserve.cache.block_pool", tuple(CRITERIA), speed)

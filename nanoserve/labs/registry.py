@@ -10,52 +10,13 @@ lesson, the tasks, what the grader checks, hints) and ``student.py`` (the stub).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from nanoserve.errors import NanoserveError
 from nanoserve.labs import lab01, lab04
-from nanoserve.labs.grader import Criterion, LabReport, Submission, one_line, run_criteria
+from nanoserve.labs.grader import Lab, LabError, LabReport, Submission, one_line, run_criteria
 
-LABS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "labs")
+__all__ = ["LABS", "Lab", "LabError", "get_lab", "grade"]
 
-
-class LabError(NanoserveError):
-    """A lab command was given something it cannot use (unknown lab, bad path)."""
-
-
-@dataclass(frozen=True)
-class Lab:
-    number: str  # "01"
-    name: str  # the folder's suffix: labs/01_pointwise_kernels
-    title: str
-    module: str  # what the student's piece replaces
-    criteria: tuple[Criterion, ...]
-    speed: Callable[[Submission], str]
-
-    @property
-    def folder(self) -> str:
-        """``labs/NN_name`` of the source tree; the labs ship with the repository, not the wheel."""
-        folder = os.path.join(LABS_DIR, f"{self.number}_{self.name}")
-        if not os.path.isdir(folder):
-            raise LabError(
-                f"lab {self.number}'s lesson and stub are not here ({folder}): the labs come with the source; "
-                "clone the repository and install it with pip install -e ."
-            )
-        return folder
-
-    @property
-    def stub(self) -> str:
-        return os.path.join(self.folder, "student.py")
-
-
-LABS: dict[str, Lab] = {
-    lab.number: lab
-    for lab in (
-        Lab("01", "pointwise_kernels", "pointwise kernels: rms_norm, rope, silu_mul, softmax", "kernels_ref", tuple(lab01.CRITERIA), lab01.speed),
-        Lab("04", "block_pool", "the block pool: refcounts and a free list", "nanoserve.cache.block_pool", tuple(lab04.CRITERIA), lab04.speed),
-    )
-}
+LABS: dict[str, Lab] = {lab.number: lab for lab in (lab01.LAB, lab04.LAB)}
 
 
 def get_lab(number: str) -> Lab:
