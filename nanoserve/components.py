@@ -30,6 +30,7 @@ _REGISTRY: dict[str, dict[str, str | Callable[..., Any]]] = {
     "kv_manager": {"paged": "nanoserve.cache.kv_cache_manager:KVCacheManager"},
     "scheduler": {"fcfs": "nanoserve.scheduler:Scheduler", "lpm": "nanoserve.scheduler:LongestPrefixMatchScheduler"},
     "sampler": {"default": "nanoserve.sampling:Sampler"},
+    "proposer": {"ngram": "nanoserve.spec.ngram:NgramProposer", "draft": "nanoserve.spec.draft:DraftModelProposer"},
 }
 
 

@@ -94,6 +94,16 @@ class EngineConfig:
     prompt_lookup_max: int = setting(4, "ngram: longest suffix n-gram to look up")
     draft_model: str | None = setting(None, "draft: the proposing model (default: the target model's file)")
     draft_weights: str = setting("int8", "draft: the draft model's weight format", choices=WEIGHT_FORMATS)
+    proposer: str | None = setting(
+        None,
+        "the proposer class when --speculative is on: the one --speculative names (default), or "
+        "FILE.py:NAME built with the same arguments (ngram: prompt_lookup_min, prompt_lookup_max)",
+    )
+    acceptance: str = setting(
+        "default",
+        "the rejection sampler's accept_greedy and accept_random: default (nanoserve.spec.rejection's), "
+        "or a FILE.py or module defining both",
+    )
 
 
 @dataclass

@@ -33,9 +33,10 @@ import numpy as np
 
 from nanoserve.stats import KVCacheStats, PrefixCacheStats, SchedulerStats
 
-if TYPE_CHECKING:  # annotations only: request.py and sampling.py import nothing from here
+if TYPE_CHECKING:  # annotations only: request.py, sampling.py and spec/ngram.py import nothing from here
     from nanoserve.request import Request
     from nanoserve.sampling import SampleResult
+    from nanoserve.spec.ngram import Draft
 
 
 class Evictor(Protocol):
@@ -300,11 +301,32 @@ class Sampler(Protocol):
         ...
 
 
+class Proposer(Protocol):
+    """Guesses the next tokens of decoding requests, for speculative decoding (``nanoserve.spec``).
+
+    Contract: ``propose(requests, num_tokens)`` returns one ``Draft`` per request, in order,
+    with at most ``num_tokens[i]`` token ids (possibly none) and, for a sampled draft, their
+    distributions q (``Draft.probs``; None means one-hot). Any guess is safe: verification
+    keeps only the ones the target model agrees with. ``finish(request)`` is called once a
+    request has ended: forget whatever is kept for it. Built from ``EngineConfig.proposer``
+    with the arguments of the ``--speculative`` method it replaces.
+    """
+
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[Draft]:
+        """At most ``num_tokens[i]`` drafts for each ``requests[i]``, in order."""
+        ...
+
+    def finish(self, request: Request) -> None:
+        """``request`` has ended: forget whatever is kept for it."""
+        ...
+
+
 INTERFACES: dict[str, Any] = {
     "block_allocator": BlockAllocator,
     "prefix_cache": PrefixCache,
     "kv_manager": KVManager,
     "scheduler": Scheduler,
     "sampler": Sampler,
+    "proposer": Proposer,
 }
 """The swappable seams by their EngineConfig field name."""

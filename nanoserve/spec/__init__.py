@@ -21,33 +21,48 @@ The parts, one module each:
     policy.py     how many tokens to propose per request: off when it cannot pay
     speculator.py the engine's side: propose after each step, count what was accepted
 
-The engine turns it on with ``EngineConfig.speculative = "ngram" | "draft"``.
+The engine turns it on with ``EngineConfig.speculative = "ngram" | "draft"``. Two settings
+swap the parts (lab 07 plugs in through them, and nanoserve builds its own the same way):
+
+    proposer   = "student.py:NgramProposer"   the ``proposer`` seam (nanoserve.components):
+                                              built with the method's arguments; default:
+                                              the registered class --speculative names
+    acceptance = "student.py"                 a file or module whose accept_greedy and
+                                              accept_random the RejectionSampler calls;
+                                              default: rejection.py's
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
-from nanoserve.config import EngineConfig
-from nanoserve.errors import ConfigError
+from nanoserve import components
+from nanoserve.config import SPECULATIVE_METHODS, EngineConfig
+from nanoserve.errors import ComponentError, ConfigError
 from nanoserve.model.llama import LlamaModel
 from nanoserve.model.loader import LoadedModel, load_checkpoint
-from nanoserve.spec.draft import DraftModelProposer
-from nanoserve.spec.ngram import NgramProposer
+from nanoserve.pyfile import load_file
+from nanoserve.spec import rejection
 from nanoserve.spec.policy import SpeculationPolicy
 from nanoserve.spec.rejection import RejectionSampler
-from nanoserve.spec.speculator import Proposer, Speculator
+from nanoserve.spec.speculator import Speculator
 
-__all__ = ["RejectionSampler", "Speculator", "build_speculator"]
+__all__ = ["RejectionSampler", "Speculator", "acceptance_rules", "build_speculator"]
 
 
 def build_speculator(
     config: EngineConfig, target: LoadedModel, backend: Any, sampler: Any, num_blocks: int, max_model_len: int
 ) -> tuple[RejectionSampler, Speculator]:
-    """The engine's sampler and speculator for ``config.speculative`` ("ngram" or "draft")."""
-    proposer: Proposer
+    """The engine's sampler and speculator for ``config.speculative`` ("ngram" or "draft"),
+    with ``config.proposer`` (default: the method's own class) and ``config.acceptance``."""
+    name = config.proposer or config.speculative
+    if name in SPECULATIVE_METHODS and name != config.speculative:
+        raise ConfigError(f"proposer {name!r} is another --speculative method; give FILE.py:NAME or leave it unset")
+    args: tuple[Any, ...]
     if config.speculative == "ngram":
-        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        args = (config.prompt_lookup_min, config.prompt_lookup_max)
     else:
         draft = load_checkpoint(config.draft_model or config.model, config.draft_weights)
         if draft.config.vocab_size != target.config.vocab_size:
@@ -56,6 +71,32 @@ def build_speculator(
                 f"({target.config.vocab_size}); give a --draft-model with the same tokenizer"
             )
         model = LlamaModel(draft.config, draft.weights, backend)
-        proposer = DraftModelProposer(model, num_blocks, config.block_size, backend, config.kv_cache_dtype)
+        args = (model, num_blocks, config.block_size, backend, config.kv_cache_dtype)
+    proposer = components.build("proposer", name, *args)
     policy = SpeculationPolicy(config.num_speculative_tokens)
-    return RejectionSampler(sampler, backend.kernels), Speculator(proposer, policy, max_model_len)
+    accept_greedy, accept_random = acceptance_rules(config.acceptance)
+    return RejectionSampler(sampler, backend.kernels, accept_greedy, accept_random), Speculator(proposer, policy, max_model_len)
+
+
+def acceptance_rules(name: str) -> tuple[Callable[..., list[int]], Callable[..., list[int]]]:
+    """``accept_greedy`` and ``accept_random`` of ``name``: "default" (:mod:`~nanoserve.spec.rejection`),
+    a ``FILE.py`` or an importable module defining both."""
+    if name == "default":
+        module: Any = rejection
+    elif name.endswith(".py"):
+        try:
+            module = load_file(name, "nanoserve_acceptance")
+        except FileNotFoundError:
+            module = None
+        if module is None:
+            raise ComponentError(f"acceptance {name!r}: no such Python file")
+    else:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ComponentError(f"acceptance {name!r}: cannot import it ({exc}); give default, FILE.py or a module") from exc
+    rules = tuple(getattr(module, fn, None) for fn in ("accept_greedy", "accept_random"))
+    missing = [fn for fn, rule in zip(("accept_greedy", "accept_random"), rules) if not callable(rule)]
+    if missing:
+        raise ComponentError(f"acceptance {name!r} defines no function {', '.join(missing)}")
+    return rules  # type: ignore[return-value]

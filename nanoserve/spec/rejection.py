@@ -25,11 +25,14 @@ Random (Leviathan et al. 2023; Chen et al. 2023)
 
 Each request draws from its own seeded generator, so the same seed gives the same text
 for the same configuration. :class:`RejectionSampler` implements the engine's
-:class:`~nanoserve.interfaces.Sampler`: requests without drafts are sampled as usual.
+:class:`~nanoserve.interfaces.Sampler`: requests without drafts are sampled as usual. It
+takes the two acceptance rules as constructor arguments (these two functions by default;
+``EngineConfig.acceptance`` names a file or module defining others, lab 07's seam).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,15 +91,33 @@ def accept_random(
     return out
 
 
+def check_accepted(tokens: list[int], drafts: list[int], vocab_size: int) -> None:
+    """Raise ValueError unless ``tokens`` is the accepted drafts, then a token of the vocabulary
+    that is not the next draft (a correction never equals the draft it replaces)."""
+    a = len(tokens) - 1
+    if not 0 <= a <= len(drafts) or list(tokens[:a]) != list(drafts[:a]) or (a < len(drafts) and tokens[a] == drafts[a]):
+        raise ValueError(f"the acceptance rule returned {list(tokens)} for drafts {list(drafts)}: want the accepted drafts, then one more token")
+    if not 0 <= int(tokens[-1]) < vocab_size:
+        raise ValueError(f"the acceptance rule returned token {tokens[-1]}, outside the vocabulary (0 .. {vocab_size - 1})")
+
+
 class RejectionSampler:
     """The engine's sampler when speculation is on: verification rows go through rejection.
 
     ``sampler`` is the configured sampler; its ``process`` (logits processors, penalties)
     is applied to every row, with each verification row seeing its own history
     (:func:`nanoserve.sampling.row_history`), so p is exactly plain decoding's distribution.
+    ``accept_greedy`` and ``accept_random`` decide each drafted request's tokens; any pair
+    with the signatures and contracts of this module's functions will do.
     """
 
-    def __init__(self, sampler: Sampler, kernels: Any) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        kernels: Any,
+        accept_greedy: Callable[[np.ndarray, list[int]], list[int]] = accept_greedy,
+        accept_random: Callable[[np.ndarray, list[int], np.ndarray | None, np.random.Generator], list[int]] = accept_random,
+    ) -> None:
         if not hasattr(sampler, "process"):
             raise TypeError(
                 f"speculative decoding needs a sampler with process(logits, requests, num_logits); "
@@ -104,6 +125,8 @@ class RejectionSampler:
             )
         self.sampler = sampler
         self.kernels = kernels
+        self.accept_greedy = accept_greedy
+        self.accept_random = accept_random
 
     def sample(
         self, logits: np.ndarray, requests: list[Request], num_logits: list[int]
@@ -130,11 +153,12 @@ class RejectionSampler:
                 continue
             rows = slice(starts[i], starts[i + 1])
             if request.params.greedy:
-                tokens = accept_greedy(processed[rows], request.spec_token_ids)
+                tokens = self.accept_greedy(processed[rows], request.spec_token_ids)
             else:
                 p = probabilities(processed[rows], [request.params] * num_logits[i], self.kernels)
-                tokens = accept_random(p, request.spec_token_ids, request.spec_probs, request.generator)
-            results = [SampleResult(t) for t in tokens]
+                tokens = self.accept_random(p, request.spec_token_ids, request.spec_probs, request.generator)
+            check_accepted(tokens, request.spec_token_ids, logits.shape[1])
+            results = [SampleResult(int(t)) for t in tokens]
             add_logprobs(results, logits[rows][: len(results)], [request.params] * len(results))
             out[i] = results
         return out

@@ -6,30 +6,17 @@
       speculator.propose(...)   drafts for every decoding request, for the next step
 
 A request is *decoding* when all its known tokens but the last have K/V; only those get
-drafts. The proposer (:mod:`~nanoserve.spec.ngram`, :mod:`~nanoserve.spec.draft`) says
-what to guess, the policy (:mod:`~nanoserve.spec.policy`) how many.
+drafts. The proposer (:mod:`~nanoserve.spec.ngram`, :mod:`~nanoserve.spec.draft`, or any
+:class:`~nanoserve.interfaces.Proposer`) says what to guess, the policy
+(:mod:`~nanoserve.spec.policy`) how many.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
+from nanoserve.interfaces import Proposer
 from nanoserve.request import Request
-from nanoserve.spec.ngram import Draft
 from nanoserve.spec.policy import SpeculationPolicy
 from nanoserve.stats import SpecDecodingStats
-
-
-class Proposer(Protocol):
-    """Guesses the next tokens of requests. Any guess is safe: verification keeps only right ones."""
-
-    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[Draft]:
-        """At most ``num_tokens[i]`` drafts for each ``requests[i]``, in order."""
-        ...
-
-    def finish(self, request: Request) -> None:
-        """``request`` has ended: forget whatever is kept for it."""
-        ...
 
 
 class Speculator:
