@@ -149,3 +149,12 @@ def test_lab_commands_refuse_bad_folders_and_paths_in_one_line(tmp_path, capsys,
     assert main([a.format(**paths) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_lab04_the_reference_pool_serves_smollm2_with_the_reference_engines_tokens(tmp_path, smollm2_loaded):
+    """What ``lab check 04`` does by default: the integration runs on SmolLM2, not the tiny model."""
+    report = grade("04", write(tmp_path, "student.py", lab04_reference()), smollm2_loaded, quick=True)
+    assert report.result("integration").status == PASS and report.result("counters").status == PASS, report.to_json()
+    assert "greedy tokens equal the reference engine's" in report.result("integration").detail
