@@ -33,6 +33,9 @@ def load_module(submission: Submission, prefix: str) -> Any:
     return submission.module
 
 
+MISSING = object()  # an attribute the student's class lacks (None is a value a class may hold)
+
+
 def parameters(fn: Any) -> list[str]:
     """Parameter names of ``fn``, without ``self``."""
     return [p for p in inspect.signature(fn).parameters if p != "self"]
@@ -57,9 +60,9 @@ def check_signatures(module: Any, reference: dict[str, Any]) -> str:
                 continue
             members = [m for m in vars(ref) if not m.startswith("_") or m == "__init__"]
             for member in members:
-                want, have = vars(ref)[member], inspect.getattr_static(got, member, None)
+                want, have = vars(ref)[member], inspect.getattr_static(got, member, MISSING)
                 checked += 1
-                if have is None:
+                if have is MISSING:
                     problems.append(f"{name}.{member} is missing")
                 elif isinstance(want, property) != isinstance(have, property):
                     problems.append(f"{name}.{member} must {'' if isinstance(want, property) else 'not '}be a property")

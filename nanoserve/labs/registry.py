@@ -2,6 +2,8 @@
 
     01  pointwise_kernels   rms_norm, rope, silu_mul, softmax    nanoserve.labs.lab01
     04  block_pool          the BlockAllocator seam              nanoserve.labs.lab04
+    07  speculative         n-gram proposer, acceptance rules    nanoserve.labs.lab07
+    08  quantized_linear    a fused int4 group-wise linear       nanoserve.labs.lab08
 
 A lab's folder, ``labs/NN_name/`` at the top of the repository, holds ``README.md`` (the
 lesson, the tasks, what the grader checks, hints) and ``student.py`` (the stub).
@@ -11,12 +13,12 @@ from __future__ import annotations
 
 import os
 
-from nanoserve.labs import lab01, lab04
+from nanoserve.labs import lab01, lab04, lab07, lab08
 from nanoserve.labs.grader import Lab, LabError, LabReport, Submission, one_line, run_criteria
 
 __all__ = ["LABS", "Lab", "LabError", "get_lab", "grade"]
 
-LABS: dict[str, Lab] = {lab.number: lab for lab in (lab01.LAB, lab04.LAB)}
+LABS: dict[str, Lab] = {lab.number: lab for lab in (lab01.LAB, lab04.LAB, lab07.LAB, lab08.LAB)}
 
 
 def get_lab(number: str) -> Lab:
