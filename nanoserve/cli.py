@@ -1,9 +1,10 @@
-"""``python -m nanoserve``: generate, chat, serve, check-kernels, lab.
+"""``python -m nanoserve``: generate, chat, serve, perplexity, check-kernels, lab.
 
     python -m nanoserve generate "Why is the sky blue?"          # streamed answer
     python -m nanoserve generate --file prompts.txt --raw        # a batch, one prompt per line
     python -m nanoserve chat                                     # interactive, chat template
     python -m nanoserve serve --port 8000                        # OpenAI-compatible HTTP API
+    python -m nanoserve perplexity plays.txt --weights int8      # llama-perplexity's protocol
     python -m nanoserve check-kernels --backend cuda             # grade a kernel backend
     python -m nanoserve lab check 04 labs_04/student.py          # grade a teaching lab
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -399,6 +401,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(build_engine(args), server, default_model_name=args.model is None)
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """llama-perplexity's protocol on FILE (:mod:`nanoserve.perplexity`): the figures, or one JSON object."""
+    from nanoserve import perplexity as ppl
+
+    ppl.check_settings(args.ctx, args.chunks)  # before the model loads: a bad flag fails in a moment
+    text = ppl.read_text(args.file)
+    engine = build_engine(args)
+    try:
+        result = ppl.perplexity(engine, text, ctx=args.ctx, chunks=args.chunks, use_tqdm=True)
+    except ppl.PerplexityError as exc:
+        raise ppl.PerplexityError(f"{args.file}: {exc}") from None
+    run = {"file": args.file, "model": engine.model_name, "weights": engine.config.weights,
+           "kv_cache_dtype": engine.config.kv_cache_dtype, "backend": engine.backend.name}  # fmt: skip
+    if args.json:
+        print(json.dumps({**run, **result.to_dict()}))
+        return 0
+    first = ppl.first_scored(result.ctx)
+    print(f"{run['model']} ({run['weights']} weights, {run['kv_cache_dtype']} KV, {run['backend']} backend): "
+          f"{result.num_tokens} tokens, {result.windows} windows of {result.ctx}, {result.ctx - first - 1} scored in each")  # fmt: skip
+    running = [sum(result.window_nll[: i + 1]) / (i + 1) for i in range(result.windows)]  # windows score alike
+    print(",".join(f"[{i + 1}]{math.exp(nll):.4f}" for i, nll in enumerate(running)))  # llama-perplexity's progress line
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.stderr:.5f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanoserve", description="nanoserve: a readable LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(serve, EngineConfig, "model and engine")
     config.add_arguments(serve, ServerConfig, "server")
     serve.set_defaults(func=cmd_serve)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, by llama-perplexity's protocol")
+    pp.add_argument("file", help="a UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="tokens per window; the second half of each is scored (default: 512)")
+    pp.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N windows (default: every whole window)")
+    pp.add_argument("--json", action="store_true", help="print one JSON object: ppl, stderr, windows, tokens scored, NLL per window")
+    config.add_arguments(pp, EngineConfig, "model and engine", only=("model", "backend", "weights", "kv_cache_dtype", "threads"))
+    pp.set_defaults(func=cmd_perplexity, num_blocks=1)  # the engine's own pool stays unused: one block
 
     ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")
     check_kernels.add_arguments(ck)
