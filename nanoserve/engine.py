@@ -139,6 +139,11 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.speculator = None  # speculative decoding (nanoserve.spec), when configured
         if config.speculative != "none":
+            if not getattr(self.scheduler, "supports_speculation", False):  # drafts it would ignore: refuse, never guess
+                raise ConfigError(
+                    f"scheduler {config.scheduler!r} does not schedule speculative drafts (it does not set "
+                    "supports_speculation = True); use --speculative none, or the fcfs or lpm scheduler"
+                )
             self.sampler, self.speculator = build_speculator(config, loaded, self.backend, self.sampler, num_blocks, self.max_model_len)
         self.num_kv_slots = num_blocks * config.block_size
         self.requests: dict[str, Request] = {}

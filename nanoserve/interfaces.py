@@ -239,6 +239,9 @@ class Scheduler(Protocol):
         computed again (their slots overwritten) by a later step.
       * ``finish_request(request, reason)`` ends a request wherever it is (abort, error)
         and frees its blocks at once.
+      * Speculative decoding needs a scheduler that schedules ``request.spec_token_ids``
+        with the decode and rolls back the rejected ones; it says so with the class attribute
+        ``supports_speculation = True``. The engine refuses ``speculative`` with any other.
     """
 
     max_num_batched_tokens: int

@@ -46,6 +46,8 @@ __all__ = ["LongestPrefixMatchScheduler", "ScheduledBatch", "Scheduler"]
 
 
 class Scheduler:
+    supports_speculation = True  # schedules request.spec_token_ids (the engine speculates only with such a scheduler)
+
     def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
