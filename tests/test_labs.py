@@ -158,3 +158,13 @@ def test_lab04_the_reference_pool_serves_smollm2_with_the_reference_engines_toke
     report = grade("04", write(tmp_path, "student.py", lab04_reference()), smollm2_loaded, quick=True)
     assert report.result("integration").status == PASS and report.result("counters").status == PASS, report.to_json()
     assert "greedy tokens equal the reference engine's" in report.result("integration").detail
+
+
+def test_docs_labs_lists_every_lab_with_its_criteria_and_points():
+    """docs/labs.md's per-lab tables say what the graders really check."""
+    docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "labs.md"), encoding="utf-8").read()
+    for number, lab in LABS.items():
+        assert f"`labs/{number}_{lab.name}`" in docs, f"the course map lacks lab {number}"
+        section = docs.split(f"### Lab {number}: ")[1].split("\n### ")[0]
+        for c in lab.criteria:
+            assert f"| {c.name} | {c.description} | {'gate' if c.gate else c.points} |" in section, (number, c.name)
