@@ -9,6 +9,8 @@ compiles plain loops (``numba.njit``) for the kernels where that copy or a chain
 temporaries dominates, and takes the rest from the reference on purpose:
 
     compiled here         paged_attention (decodes read pages in place), store_kv,
+                          paged_attention_int8 and store_kv_int8 (kernels_cpu.kv_int8:
+                          int8 pages read in place, quantized on write),
                           rms_norm, rope, apply_penalties (one pass, not a chain of
                           temporaries), the quantized linears linear_int8, linear_int4,
                           linear_q8_0, linear_q4_0, linear_q4_1 (kernels_cpu.quant: the
@@ -39,6 +41,7 @@ did splitting the quantized linears (measured in ``kernels_cpu.quant``).
 
 from kernels_cpu import compile_cache  # noqa: F401  (first: sets where compiled kernels are cached)
 from kernels_cpu.attention import paged_attention, store_kv
+from kernels_cpu.kv_int8 import paged_attention_int8, store_kv_int8
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope
 from kernels_cpu.quant import linear_int4, linear_int8, linear_q4_0, linear_q4_1, linear_q8_0
@@ -62,11 +65,13 @@ __all__ = [
     "linear_q8_0",
     "min_p_filter",
     "paged_attention",
+    "paged_attention_int8",
     "rms_norm",
     "rope",
     "silu_mul",
     "softmax",
     "store_kv",
+    "store_kv_int8",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -15,6 +15,7 @@ This package imports NumPy only. Shapes use these letters:
 
 from kernels_ref.activation import silu_mul, softmax
 from kernels_ref.attention import attention, paged_attention, store_kv
+from kernels_ref.kv_int8 import dequantize_kv, paged_attention_int8, quantize_kv, store_kv_int8
 from kernels_ref.linear import (
     linear,
     linear_int4,
@@ -50,6 +51,8 @@ KERNEL_NAMES: tuple[str, ...] = (
     "attention",
     "store_kv",
     "paged_attention",
+    "store_kv_int8",
+    "paged_attention_int8",
     "apply_penalties",
     "top_k_filter",
     "top_p_filter",
@@ -62,6 +65,7 @@ __all__ = [
     "attention",
     "dequantize_int4",
     "dequantize_int8",
+    "dequantize_kv",
     "dequantize_q4_0",
     "dequantize_q4_1",
     "dequantize_q8_0",
@@ -73,11 +77,14 @@ __all__ = [
     "linear_q8_0",
     "min_p_filter",
     "paged_attention",
+    "paged_attention_int8",
+    "quantize_kv",
     "rms_norm",
     "rope",
     "silu_mul",
     "softmax",
     "store_kv",
+    "store_kv_int8",
     "top_k_filter",
     "top_p_filter",
 ]
