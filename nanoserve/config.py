@@ -4,7 +4,7 @@ Each field carries its default, its help text and (where it has them) its choice
 command-line flags of ``generate``, ``chat``, ``serve`` and the benchmarks are generated
 from these fields by :func:`add_arguments`, and :func:`from_args` reads them back:
 
-    EngineConfig.kv_cache_dtype   ->   --kv-cache-dtype {float32,float16}  (help from the field)
+    EngineConfig.kv_cache_dtype   ->   --kv-cache-dtype {float32,float16,int8}  (help from the field)
 
 This is a leaf module: it imports nothing from nanoserve, so anything may import it.
 The component fields (``block_allocator``, ``kv_manager``, ``scheduler``, ``sampler``)

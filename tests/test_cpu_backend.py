@@ -111,7 +111,7 @@ def test_float16_pages_hold_twice_the_tokens_and_barely_move_the_logits(smollm2_
 
 
 def test_unknown_kv_cache_dtype_is_a_clear_error(smollm2_loaded):
-    with pytest.raises(ValueError, match="KV cache dtype must be one of float32, float16; got 'bfloat16'"):
+    with pytest.raises(ValueError, match="KV cache dtype must be one of float32, float16, int8; got 'bfloat16'"):
         LLMEngine(loaded=smollm2_loaded, kv_cache_dtype="bfloat16")
 
 
