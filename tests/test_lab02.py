@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import kernels_ref
 from nanoserve.labs import lab02
 from nanoserve.labs.grader import FAIL, PASS
@@ -81,3 +83,12 @@ def test_importing_the_reference_attention_is_not_graded_further(tmp_path, tiny_
     report = grade(LAB, path, tiny_loaded, quick=True)
     assert report.result("imports").status == FAIL and "kernels_ref.attention" in report.result("imports").detail
     assert report.score == 0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_reference_attention_serves_smollm2_with_the_reference_engines_tokens(tmp_path, smollm2_loaded):
+    """What ``lab check 02`` does by default: 9 query heads over 3 KV heads, 30 layers."""
+    report = grade(LAB, write(tmp_path, reference()), smollm2_loaded, quick=True)
+    assert report.result("integration").status == PASS, report.to_json()
+    assert "greedy tokens equal the reference engine's" in report.result("integration").detail

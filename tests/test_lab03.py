@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import kernels_ref
 from kernels_ref.attention import (
     _decode_attention,
@@ -102,3 +104,12 @@ def test_importing_the_reference_kernels_is_not_graded_further(tmp_path, tiny_lo
     path = write(tmp_path, "from kernels_ref.attention import gather_pages, paged_attention, store_kv\n")
     report = grade(LAB, path, tiny_loaded, quick=True)
     assert report.result("imports").status == FAIL and report.score == 0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_reference_kernels_serve_smollm2_with_the_reference_engines_tokens_and_pages(tmp_path, smollm2_loaded):
+    """What ``lab check 03`` does by default: the integration and counters on SmolLM2."""
+    report = grade(LAB, write(tmp_path, reference()), smollm2_loaded, quick=True)
+    assert report.result("integration").status == PASS and report.result("counters").status == PASS, report.to_json()
+    assert "none outside slot_mapping" in report.result("counters").detail
