@@ -2,6 +2,7 @@
 
     01  pointwise_kernels   rms_norm, rope, silu_mul, softmax    nanoserve.labs.lab01
     02  contiguous_attention causal GQA attention, contiguous KV  nanoserve.labs.lab02
+    03  paged_attention     store_kv and paged_attention         nanoserve.labs.lab03
     04  block_pool          the BlockAllocator seam              nanoserve.labs.lab04
     05  scheduler           token budget, chunks, preemption     nanoserve.labs.lab05
     06  radix_cache         the radix prefix cache               nanoserve.labs.lab06
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import os
 
-from nanoserve.labs import lab01, lab02, lab04, lab05, lab06, lab07, lab08, lab09
+from nanoserve.labs import lab01, lab02, lab03, lab04, lab05, lab06, lab07, lab08, lab09
 from nanoserve.labs.grader import Lab, LabError, LabReport, Submission, one_line, run_criteria
 
 __all__ = ["LABS", "Lab", "LabError", "get_lab", "grade"]
 
-LABS: dict[str, Lab] = {lab.number: lab for lab in (lab01.LAB, lab02.LAB, lab04.LAB, lab05.LAB, lab06.LAB, lab07.LAB, lab08.LAB, lab09.LAB)}
+LABS: dict[str, Lab] = {lab.number: lab for lab in (lab01.LAB, lab02.LAB, lab03.LAB, lab04.LAB, lab05.LAB, lab06.LAB, lab07.LAB, lab08.LAB, lab09.LAB)}
 
 
 def get_lab(number: str) -> Lab:
