@@ -10,7 +10,7 @@
 
 The CLI is a thin shell over :class:`nanoserve.engine.LLMEngine`. Every command first
 applies the thread policy (``--threads``, :mod:`nanoserve.threads`) and prints its line to
-stderr; ``--verbose`` ends ``generate`` with llama.cpp's kind of timing line. ``chat`` is a
+stderr (``serve`` logs it once, with the rest of its startup configuration); ``--verbose`` ends ``generate`` with llama.cpp's kind of timing line. ``chat`` is a
 REPL with ``/help``, ``/reset``, ``/stats``, Ollama's triple-quote multi-line input, and
 Ctrl-C that stops an answer without leaving anything in the engine (:func:`chat_repl`).
 Errors are one ``error:`` line on stderr and exit status 2.
@@ -478,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(threads.apply(getattr(args, "threads", None)), file=sys.stderr)  # every command: BLAS threads first
+        line = threads.apply(getattr(args, "threads", None))  # every command: BLAS threads first
+        if args.command != "serve":  # serve logs the same line with the rest of its configuration
+            print(line, file=sys.stderr)
         return int(args.func(args) or 0)
     except NanoserveError as exc:
         print(f"error: {exc}", file=sys.stderr)

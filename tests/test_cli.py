@@ -305,3 +305,13 @@ def test_generate_constraint_flags(tiny_model_dir: str, tmp_path) -> None:
     assert isinstance(json.loads(answer.stdout)["n"], int)
     bad = nanoserve("generate", "--model", tiny_model_dir, "--json-schema", "{bad", PROMPTS[0])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: invalid --json-schema")
+
+
+def test_serve_leaves_the_thread_line_to_its_startup_log_and_other_commands_print_it_once(monkeypatch, capsys) -> None:
+    from nanoserve import cli
+
+    monkeypatch.setattr(cli, "cmd_serve", lambda args: 0)  # the startup log (tested in tests/server) carries it
+    assert cli.main(["serve"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("threads: ")]
+    assert cli.main(["lab", "list"]) == 0
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("threads: ")]) == 1
