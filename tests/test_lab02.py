@@ -12,23 +12,13 @@ from nanoserve.labs import lab02
 from nanoserve.labs.grader import FAIL, PASS
 from nanoserve.labs.lab02 import LAB
 from nanoserve.labs.registry import grade
+from tests.lab_helpers import mutate, write
 
 
 def reference() -> str:
     """The reference attention (with its softmax) and the lesson's causal_mask, as a student file."""
     functions = [kernels_ref.softmax, lab02.causal_mask, kernels_ref.attention]
     return "import numpy as np\n\n\n" + "\n\n".join(inspect.getsource(fn) for fn in functions)
-
-
-def write(tmp_path, source: str) -> str:
-    path = tmp_path / "student.py"
-    path.write_text(source)
-    return str(path)
-
-
-def mutate(source: str, old: str, new: str) -> str:
-    assert old in source, f"the planted bug's target {old!r} is not in the reference"
-    return source.replace(old, new, 1)
 
 
 def test_the_reference_attention_scores_full_marks(tmp_path, tiny_loaded):

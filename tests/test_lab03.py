@@ -20,6 +20,7 @@ from kernels_ref.attention import (
 from nanoserve.labs.grader import FAIL, PASS
 from nanoserve.labs.lab03 import LAB
 from nanoserve.labs.registry import grade
+from tests.lab_helpers import mutate, write
 
 REFERENCE = [
     kernels_ref.softmax, attention, check_slot_mapping, check_paged_metadata,
@@ -30,17 +31,6 @@ REFERENCE = [
 def reference() -> str:
     """kernels_ref's store_kv and paged_attention with the functions they call, as a student file."""
     return "import numpy as np\n\n\n" + "\n\n".join(inspect.getsource(fn) for fn in REFERENCE)
-
-
-def write(tmp_path, source: str) -> str:
-    path = tmp_path / "student.py"
-    path.write_text(source)
-    return str(path)
-
-
-def mutate(source: str, old: str, new: str) -> str:
-    assert old in source, f"the planted bug's target {old!r} is not in the reference"
-    return source.replace(old, new, 1)
 
 
 def test_the_reference_kernels_score_full_marks(tmp_path, tiny_loaded):

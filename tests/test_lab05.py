@@ -13,6 +13,7 @@ from nanoserve.errors import ConfigError
 from nanoserve.labs.grader import FAIL, PASS
 from nanoserve.labs.lab05 import LAB
 from nanoserve.labs.registry import grade
+from tests.lab_helpers import mutate
 
 HEADER = (
     "import time\n"
@@ -22,11 +23,6 @@ HEADER = (
     "from nanoserve.sampling import SampleResult\n"
     "from nanoserve.stats import SchedulerStats\n\n\n"
 )
-
-
-def mutate(source: str, old: str, new: str) -> str:
-    assert old in source, f"the planted bug's target {old!r} is not in the reference"
-    return source.replace(old, new, 1)
 
 
 def reference() -> str:

@@ -13,6 +13,7 @@ from nanoserve.labs.grader import FAIL, NOT_RUN, PASS
 from nanoserve.labs.lab08 import LAB
 from nanoserve.labs.registry import grade
 from nanoserve.quant import formats
+from tests.lab_helpers import mutate, write
 
 
 def reference_source() -> str:
@@ -21,17 +22,6 @@ def reference_source() -> str:
     assert "return packed, scale" in quantize
     header = "from __future__ import annotations\n\nimport numpy as np\n\nfrom nanoserve.errors import UnsupportedModelError\n\nINT4_GROUP_SIZE = 32\n\n\n"
     return header + "\n\n".join([quantize, inspect.getsource(kernels_ref.dequantize_int4), inspect.getsource(kernels_ref.linear_int4)])
-
-
-def write(tmp_path, source: str) -> str:
-    path = tmp_path / "student.py"
-    path.write_text(source)
-    return str(path)
-
-
-def mutate(source: str, old: str, new: str) -> str:
-    assert old in source, f"the planted bug's target {old!r} is not in the reference"
-    return source.replace(old, new, 1)
 
 
 def test_the_reference_adapted_to_the_stub_scores_full_marks(tmp_path, tiny_loaded):

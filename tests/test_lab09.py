@@ -15,6 +15,7 @@ from nanoserve.check_kernels.gpu import gpu_present
 from nanoserve.labs.grader import BLOCKED, FAIL, NOT_RUN, PASS, Submission
 from nanoserve.labs.lab09 import LAB, run_worker
 from nanoserve.labs.registry import grade
+from tests.lab_helpers import mutate, write
 
 HEADER = (
     "from __future__ import annotations\n\nimport math\nfrom typing import Any\n\n"
@@ -31,17 +32,6 @@ def reference_source() -> str:
     attention = sys.modules["kernels_cuda.attention"]
     parts = [attention.sequence_of, attention.paged_attention_kernel, attention.paged_attention]
     return HEADER + "\n\n".join(inspect.getsource(getattr(p, "py_func", p)) for p in parts)
-
-
-def write(tmp_path, source: str) -> str:
-    path = tmp_path / "student.py"
-    path.write_text(source)
-    return str(path)
-
-
-def mutate(source: str, old: str, new: str) -> str:
-    assert old in source, f"the planted bug's target {old!r} is not in the reference"
-    return source.replace(old, new, 1)
 
 
 @pytest.mark.slow
