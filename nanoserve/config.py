@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 KV_CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")  # KV page formats (nanoserve.cache.paged)
-WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "gguf")  # nanoserve.quant
+WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1", "gguf")  # nanoserve.quant
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 SPECULATIVE_METHODS: tuple[str, ...] = ("none", "ngram", "draft")  # nanoserve.spec
 

@@ -120,6 +120,28 @@ def test_gguf_linear_kernels_equal_x_times_the_dequantized_matrix(qtype, dequant
     np.testing.assert_allclose(linear(x, raw), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_quantizing_to_a_gguf_format_writes_the_gguf_packages_bytes(fmt: str) -> None:
+    """Same rounding as llama.cpp: all-zero blocks, a negative extreme, a lone outlier, tiny scales."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((12, 256)) * rng.uniform(1e-4, 5.0, (12, 1))).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    w[1, 40] = -9.0  # the extreme of its block is negative (Q4_0's scale takes its sign)
+    w[2, 70] = 50.0  # one outlier spoils only its own block
+    w[3] = rng.integers(-3, 4, 256)  # integers: exact ties for the rounding
+    qw = quantize(w, fmt)
+    qtype = GGMLQuantizationType[fmt.upper()]
+    assert isinstance(qw, QuantizedWeight) and qw.format == fmt and qw.shape == w.shape
+    np.testing.assert_array_equal(qw.arrays[0], gguf_quantize(w, qtype))
+    np.testing.assert_array_equal(dequantize(qw), gguf_dequantize(qw.arrays[0], qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_quantizing_to_a_gguf_format_rejects_rows_not_divisible_into_blocks(fmt: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=rf"{fmt} needs in_features divisible by 32.*\(2, 48\)"):
+        quantize(np.zeros((2, 48), np.float32), fmt)
+
+
 # --- nanoserve's int8 / int4 ------------------------------------------------------------------
 
 
@@ -181,7 +203,7 @@ def test_quantize_rejects_unknown_formats_and_keeps_float_formats() -> None:
         quantize(w, "q5_k")
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1"])
 def test_apply_linear_equals_x_times_the_dequantized_weight_for_every_format(fmt: str) -> None:
     rng = np.random.default_rng(4)
     w = rng.standard_normal((10, 64)).astype(np.float32)
@@ -195,6 +217,8 @@ def test_apply_linear_equals_x_times_the_dequantized_weight_for_every_format(fmt
         nib = np.empty((10, 64))
         nib[:, 0::2], nib[:, 1::2] = packed & 0xF, packed >> 4
         w_hat = (nib - 8) * np.repeat(scales.astype(np.float64), 32, axis=1)
+    elif fmt.startswith("q"):
+        w_hat = gguf_dequantize(qw.arrays[0], GGMLQuantizationType[fmt.upper()]).astype(np.float64)
     else:
         w_hat = np.asarray(qw, dtype=np.float64)
     out = apply_linear(K, x, qw)
@@ -221,7 +245,7 @@ def test_quantized_weight_reports_the_bytes_it_holds() -> None:
 # --- the embedding table stays in the run's format ----------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1"])
 def test_embedding_rows_dequantize_only_the_gathered_rows_to_the_tables_own_values(fmt: str) -> None:
     from nanoserve.quant import embedding_rows, gather_rows
 
@@ -229,7 +253,7 @@ def test_embedding_rows_dequantize_only_the_gathered_rows_to_the_tables_own_valu
     table = quantize(rng.standard_normal((50, 64)).astype(np.float32), fmt)
     ids = np.array([3, 3, 49, 0, 17])
     rows = gather_rows(table, ids)
-    if fmt in ("int8", "int4"):
+    if fmt not in ("fp32", "fp16"):
         assert isinstance(rows, QuantizedWeight) and rows.shape == (5, 64) and rows.nbytes * 10 == table.nbytes
     got = embedding_rows(table, ids)
     assert got.dtype == np.float32 and got.shape == (5, 64)
@@ -247,7 +271,7 @@ def test_embedding_rows_of_a_gguf_table_are_the_files_dequantized_rows(qtype) ->
     np.testing.assert_array_equal(embedding_rows(table, ids), gguf_dequantize(raw, qtype)[ids].astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "q8_0", "q4_0", "q4_1"])
 def test_quantized_runs_hold_one_tied_table_for_embedding_and_lm_head(fmt: str, tiny_model_dir: str) -> None:
     from nanoserve.model import load_checkpoint
 
@@ -263,7 +287,7 @@ def test_quantized_runs_hold_one_tied_table_for_embedding_and_lm_head(fmt: str, 
     assert weights.nbytes() < fp32.nbytes() * (0.6 if fmt == "fp16" else 0.35)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "q8_0", "q4_0", "q4_1"])
 def test_cpu_backend_gives_the_reference_backends_logits_for_every_quantized_format(fmt: str, tiny_model_dir: str) -> None:
     """The fused kernels (cpu) against dequantize-then-BLAS (ref), embedding lookup included."""
     from nanoserve.cache.contiguous import ContiguousKVCache

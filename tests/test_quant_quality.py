@@ -13,10 +13,10 @@ that computes a format wrongly moves these figures far past them, rounding chang
 not. A format without bounds fails: measure it and add its row. The full-corpus figures
 are in docs/quantization.md (``bench/quant.py``).
 
-int4 has no greedy bound: fp32's first greedy token is a near-tie (its top three logits
-lie within 1.1 of each other: "The" 25.17, "\\n" 24.63, "Ben" 24.12), and int4's weight
-error (~10% RMS, re-quantizing the file's Q4_1 values onto another 4-bit grid) moves
-logits by more than that. Its perplexity and top-1 agreement are bounded instead.
+int4 and q4_0 have no greedy bound: fp32's first greedy token is a near-tie (its top three logits
+lie within 1.1 of each other: "The" 25.17, "\\n" 24.63, "Ben" 24.12), and their weight
+error (~10% RMS for int4, re-quantizing the file's Q4_1 values onto a symmetric 4-bit
+grid) moves logits by more than that. Their perplexity and top-1 agreement are bounded instead.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ QUALITY_BOUNDS = {
     "fp16": Bounds(1.002, 0.99, 24),  # 1.00013, 0.9974, 32
     "int8": Bounds(1.025, 0.93, 24),  # 1.01309, 0.9554, 32
     "int4": Bounds(1.50, 0.58, None),  # 1.40659, 0.6299, 0 (see the module docstring)
+    "q8_0": Bounds(1.02, 0.95, 24),  # 1.00538, 0.9738, 32
+    "q4_0": Bounds(1.40, 0.63, None),  # 1.27499, 0.6772, 0 (as int4: a symmetric grid)
+    "q4_1": Bounds(1.12, 0.83, 16),  # 1.07355, 0.8635, 32 (most of the file's Q4_1 blocks come back unchanged)
     "gguf": Bounds(
         1.0005, 0.99, GREEDY_TOKENS
     ),  # 1.00000, 1.0000, 32: the file's own blocks, float activations

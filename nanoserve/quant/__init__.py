@@ -1,7 +1,8 @@
 """Weight formats as data: a matrix is either a float array or a :class:`QuantizedWeight`.
 
 The layouts are documented (and dequantized) in ``kernels_ref.quant``; this package
-creates quantized weights (from float matrices or from GGUF bytes), dispatches a
+creates quantized weights (from float matrices, ``gguf_quantize`` for the GGUF block
+formats with llama.cpp's rounding, or from GGUF bytes), dispatches a
 linear layer to the kernel matching a weight's format, and looks up embedding rows of a
 quantized table (dequantizing only the rows gathered).
 

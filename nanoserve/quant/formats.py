@@ -9,9 +9,11 @@ import numpy as np
 
 import kernels_ref
 from nanoserve.errors import UnsupportedModelError
+from nanoserve.quant.gguf_quantize import quantize_q4_0, quantize_q4_1, quantize_q8_0
 
-#: What ``--weights`` accepts. "gguf" keeps each matrix in the format the GGUF file stores.
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
+#: What ``--weights`` accepts. q8_0/q4_0/q4_1 re-quantize every matrix into that GGUF block
+#: format; "gguf" keeps each matrix in the format the GGUF file stores.
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1", "gguf")
 INT4_GROUP_SIZE = 32
 
 _KERNEL = {
@@ -69,7 +71,7 @@ def quantize_int4(w: np.ndarray, group_size: int = INT4_GROUP_SIZE) -> Quantized
 
 
 def quantize(w: np.ndarray, fmt: str) -> Weight:
-    """Convert a float32 [out, in] matrix to ``fmt`` (fp32, fp16, int8, int4)."""
+    """Convert a float32 [out, in] matrix to ``fmt`` (fp32, fp16, int8, int4, q8_0, q4_0, q4_1)."""
     if fmt == "fp32":
         return np.ascontiguousarray(w, dtype=np.float32)
     if fmt == "fp16":
@@ -78,7 +80,12 @@ def quantize(w: np.ndarray, fmt: str) -> Weight:
         return quantize_int8(w)
     if fmt == "int4":
         return quantize_int4(w)
-    raise UnsupportedModelError(f"cannot quantize to {fmt!r}; choose one of fp32, fp16, int8, int4")
+    gguf_quantizers = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}
+    if fmt in gguf_quantizers:
+        return QuantizedWeight(fmt, (gguf_quantizers[fmt](w),), w.shape)
+    raise UnsupportedModelError(
+        f"cannot quantize to {fmt!r}; choose one of fp32, fp16, int8, int4, q8_0, q4_0, q4_1"
+    )
 
 
 def dequantize(w: Weight) -> np.ndarray:  # -> float32 [out, in]
