@@ -16,6 +16,10 @@ temporaries dominates, and takes the rest from the reference on purpose:
                           linear_q8_0, linear_q4_0, linear_q4_1 (kernels_cpu.quant: the
                           bytes widened in registers for decode rows, never a float
                           matrix; a float32 tile at a time into BLAS for prefill rows),
+                          the int8-activation linears linear_q8_0_a8, linear_q4_0_a8,
+                          linear_q4_1_a8 (kernels_cpu.int8_activations: x quantized to
+                          int8 blocks, int32 block sums by vpmaddwd for decode rows;
+                          the dequantized int8 x into BLAS tiles for prefill rows),
                           and linear for up to 16 rows (kernels_cpu.linear: each weight
                           row read once for all rows of the step; BLAS above 16 rows)
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
@@ -41,6 +45,7 @@ did splitting the quantized linears (measured in ``kernels_cpu.quant``).
 
 from kernels_cpu import compile_cache  # noqa: F401  (first: sets where compiled kernels are cached)
 from kernels_cpu.attention import paged_attention, store_kv
+from kernels_cpu.int8_activations import linear_q4_0_a8, linear_q4_1_a8, linear_q8_0_a8
 from kernels_cpu.kv_int8 import paged_attention_int8, store_kv_int8
 from kernels_cpu.linear import linear
 from kernels_cpu.pointwise import rms_norm, rope
@@ -61,8 +66,11 @@ __all__ = [
     "linear_int4",
     "linear_int8",
     "linear_q4_0",
+    "linear_q4_0_a8",
     "linear_q4_1",
+    "linear_q4_1_a8",
     "linear_q8_0",
+    "linear_q8_0_a8",
     "min_p_filter",
     "paged_attention",
     "paged_attention_int8",

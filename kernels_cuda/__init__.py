@@ -13,13 +13,15 @@ signature and semantics (the property suite in ``tests/kernels`` and
 Modules, one kernel family each: ``norm`` (rms_norm), ``rope``, ``activation`` (silu_mul,
 softmax), ``linear`` (a tiled GEMM that dequantizes every weight format on the fly),
 ``attention`` (store_kv, paged_attention, attention), ``kv_int8`` (store_kv_int8,
-paged_attention_int8: the int8 KV cache), ``sampling`` (apply_penalties,
+paged_attention_int8: the int8 KV cache), ``int8_activations`` (linear_q8_0_a8,
+linear_q4_0_a8, linear_q4_1_a8: activations quantized to int8, integer dot products), ``sampling`` (apply_penalties,
 top-k / top-p / min-p filters). ``ptx.compile_all`` compiles each kernel to PTX without a GPU.
 """
 
 from kernels_cuda._runtime import SIMULATOR, to_device, to_host, xp
 from kernels_cuda.activation import silu_mul, softmax
 from kernels_cuda.attention import attention, paged_attention, store_kv
+from kernels_cuda.int8_activations import linear_q4_0_a8, linear_q4_1_a8, linear_q8_0_a8
 from kernels_cuda.kv_int8 import paged_attention_int8, store_kv_int8
 from kernels_cuda.linear import (
     linear,
@@ -41,8 +43,11 @@ __all__ = [
     "linear_int4",
     "linear_int8",
     "linear_q4_0",
+    "linear_q4_0_a8",
     "linear_q4_1",
+    "linear_q4_1_a8",
     "linear_q8_0",
+    "linear_q8_0_a8",
     "min_p_filter",
     "paged_attention",
     "paged_attention_int8",

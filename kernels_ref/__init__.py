@@ -15,6 +15,14 @@ This package imports NumPy only. Shapes use these letters:
 
 from kernels_ref.activation import silu_mul, softmax
 from kernels_ref.attention import attention, paged_attention, store_kv
+from kernels_ref.int8_activations import (
+    dequantize_activations,
+    linear_q4_0_a8,
+    linear_q4_1_a8,
+    linear_q8_0_a8,
+    quantize_activations_q8_0,
+    quantize_activations_q8_1,
+)
 from kernels_ref.kv_int8 import dequantize_kv, paged_attention_int8, quantize_kv, store_kv_int8
 from kernels_ref.linear import (
     linear,
@@ -46,6 +54,9 @@ KERNEL_NAMES: tuple[str, ...] = (
     "linear_q8_0",
     "linear_q4_0",
     "linear_q4_1",
+    "linear_q8_0_a8",
+    "linear_q4_0_a8",
+    "linear_q4_1_a8",
     "silu_mul",
     "softmax",
     "attention",
@@ -63,6 +74,7 @@ __all__ = [
     "KERNEL_NAMES",
     "apply_penalties",
     "attention",
+    "dequantize_activations",
     "dequantize_int4",
     "dequantize_int8",
     "dequantize_kv",
@@ -73,11 +85,16 @@ __all__ = [
     "linear_int4",
     "linear_int8",
     "linear_q4_0",
+    "linear_q4_0_a8",
     "linear_q4_1",
+    "linear_q4_1_a8",
     "linear_q8_0",
+    "linear_q8_0_a8",
     "min_p_filter",
     "paged_attention",
     "paged_attention_int8",
+    "quantize_activations_q8_0",
+    "quantize_activations_q8_1",
     "quantize_kv",
     "rms_norm",
     "rope",

@@ -1,0 +1,279 @@
+"""Int8 activations with integer dot products on the CPU: llama.cpp's Q8_0 / Q8_1 path, compiled.
+
+The contract is ``kernels_ref.int8_activations`` (block layout, formulas, error bound);
+here the same three kernels run as Numba loops. Each call first quantizes its
+activations, bit for bit as the reference does, then takes integer dot products with the
+weight blocks where they lie:
+
+    quantize   x [T, in] f32 -> q int8 [T, in], d f32 [T, nb], s f32 [T, nb], qsum int32 [T, nb]
+        amax, d32 = amax / 127, q = roundf(x / d32)       float32, as the reference
+        d = float16(d32), s = float16(sum(q) * d32)        :func:`_f16_value`: round to
+                                                          nearest even without float16 types
+    decode shapes, T <= R_MAX_A8 rows: nothing materialised but the int8 rows of x
+        for o in range(out):                              the hot loop
+            for t in range(T):                            the row's bytes stay in L1 after t = 0
+                acc = 0 (float32)
+                for b in blocks of W[o]:
+                    sumi = sum_j int16(w_j) * int16(q_j)  32 products, int32 sum: one vpmaddwd
+                    acc += float32(sumi) * (dw_b * d_b)   (+ mw_b * s_b for Q4_1)
+                y[t, o] = acc
+    prefill shapes, T > R_MAX_A8: the quantized activations, dequantized (``q * d``, exact
+        in float32), times float32 tiles of W into BLAS (``kernels_cpu.quant.linear_tiled``)
+
+Q4_0's ``nibble - 8`` is taken out of the block's sum as llama.cpp's SIMD code does:
+``sum (n_j - 8) q_j = sum n_j q_j - 8 * qsum``, with ``qsum = sum q_j`` of the
+activation block computed once by the quantizer. Written with the ``- 8`` inside the
+product, LLVM kept 16-bit multiplies (``vpmullw``) and a separate widening add, not the
+pairwise ``vpmaddwd``.
+
+Assembly (``dispatcher.inspect_asm(signature)`` on the compiled ``_rows_*``; AMD EPYC
+Zen 4, AVX-512 with VNNI, Numba 0.68 / LLVM 15-era llvmlite): each block's 32-product
+loop becomes ``vpmovsxbw`` (int8 -> int16, the activations and Q8_0 weights) or
+``vpmovzxbw`` (the nibbles), one 512-bit ``vpmaddwd`` (32 int16 products summed
+pairwise into 16 int32 lanes), a horizontal add of the 16 lanes, and ``vcvtdq2ps``
+for the block sum. LLVM emits no ``vpdpwssd`` / ``vpdpbusd`` here: VNNI fuses a
+multiply-add into an *accumulator*, and the block's sum is consumed the same block (the
+scale differs per block), so there is no accumulator to fuse into. Two things matter,
+both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
+
+* The 32-product loop is fully unrolled and then packed by LLVM's SLP vectorizer, which
+  Numba leaves off unless told; :func:`kernels_cpu.quant._run` turns it on while these
+  kernels compile. Off, the same source ran as scalar code: 0.77 ms instead of 0.15.
+* The products are written ``int32(acc + int16(a) * int16(b))``: Numba types integer
+  arithmetic as int64, and the casts let LLVM narrow it back to the pattern its x86
+  backend turns into ``vpmaddwd``. Without them (plain ``int32(a) * int32(b)``) nothing
+  vectorised. 16 written-out float lanes across blocks (llama.cpp's order: convert the
+  int32 lanes, then one fused multiply-add per block into float lanes) came out as
+  ``vpmulld`` and ran 6x slower; two rows of x per pass over the weights, 1.4x slower.
+
+Measured (``python bench/`` is not used: the loop below, ms of thread CPU time, median of
+15 runs; matrices in cache; other processes kept the load average near 1 on 2 cores):
+
+    (filled in below, in :data:`MEASURED`)
+
+Rounding: the decode loops do exactly the reference's float32 operations in its order
+(block sum, ``dw * d``, product, add; Q4_1's ``mw * s`` added to that block's term
+before it joins the sum), so they return the reference's bits. The prefill path sums
+the same products in BLAS order instead: within
+``check_kernels.cases.int8_activations.INT8_DOT`` of the reference.
+
+Threads: every kernel runs on the calling thread, as in ``kernels_cpu.quant``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from numba import njit
+
+from kernels_cpu.quant import F16_TABLE, _f16, _run, _tile_q4_0, _tile_q8_0, linear_tiled
+from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
+
+#: Up to this many rows the integer decode loops run; above, float32 tiles into BLAS.
+R_MAX_A8 = 16
+
+i16 = np.int16  # short, for the product lines below
+i32 = np.int32
+f32 = np.float32
+F16_MAX = 65504.0
+
+
+# --- quantizing the activations -------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _f16_value(v):  # f32 -> f32: the nearest float16 value (ties to even; inf beyond float16's range)
+    """``float32(float16(v))`` without a float16 type: round ``v``'s significand to 11 bits.
+
+    ``v = m * 2**e`` (frexp, 0.5 <= m < 1) has its float16 ulp at ``2**(e - 11)``, or at
+    ``2**-24`` in float16's subnormal range; ``rint(v / ulp) * ulp`` in float64 is exact.
+    """
+    a = abs(np.float64(v))
+    if a == 0.0:
+        return f32(v)
+    _, e = math.frexp(a)
+    shift = max(e - 11, -24)
+    r = math.ldexp(np.rint(math.ldexp(a, -shift)), shift)
+    if r > F16_MAX:
+        r = np.inf
+    return f32(-r) if v < 0 else f32(r)
+
+
+@njit(cache=True)
+def _quantize(x, q, d, s, qsum):  # f32 [T, in] -> int8 [T, in], f32 [T, nb] x2, int32 [T, nb] (written)
+    """Q8_0 / Q8_1 blocks of every row of ``x``, exactly as ``kernels_ref.int8_activations``."""
+    rows, n = x.shape
+    for t in range(rows):
+        for b in range(n // QK):
+            base = b * QK
+            amax = f32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[t, base + j]))
+            d32 = amax / f32(127.0)
+            inverse = f32(1.0) / d32 if d32 != 0 else f32(0.0)
+            total = 0
+            for j in range(QK):
+                v = x[t, base + j] * inverse  # float32, as the reference rounds it
+                r = np.int32(math.floor(abs(np.float64(v)) + 0.5))  # half away from zero, exact
+                qj = r if v >= 0 else -r
+                q[t, base + j] = qj
+                total += qj
+            d[t, b] = _f16_value(d32)
+            s[t, b] = _f16_value(f32(total) * d32)
+            qsum[t, b] = total
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``x`` [T, in] -> q int8 [T, in], d f32 [T, nb], s f32 [T, nb], qsum int32 [T, nb] (compiled)."""
+    rows, n = x.shape
+    q = np.empty((rows, n), dtype=np.int8)
+    d = np.empty((rows, n // QK), dtype=np.float32)
+    s = np.empty_like(d)
+    qsum = np.empty((rows, n // QK), dtype=np.int32)
+    _quantize(x, q, d, s, qsum)
+    return q, d, s, qsum
+
+
+# --- decode shapes: integer block sums, one float32 accumulator per output ------------------------
+
+
+@njit(cache=True)
+def _rows_q8_0(q, d, raw, table, out):  # int8 [T, in], f32 [T, nb], uint8 [out, nb*34], [65536], [T, out] (written)
+    rows, n = q.shape
+    w = raw.view(np.int8)
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            acc = f32(0.0)
+            for b in range(n // QK):
+                base = b * Q8_0_BLOCK_BYTES  # | d: f16 | q[0..31]: int8 |
+                sumi = i32(0)
+                for j in range(QK):
+                    sumi = i32(sumi + i16(w[o, base + 2 + j]) * i16(q[t, b * QK + j]))
+                acc += f32(sumi) * (_f16(table, raw[o, base], raw[o, base + 1]) * d[t, b])
+            out[t, o] = acc
+
+
+@njit(cache=True)
+def _rows_q4_0(q, d, qsum, raw, table, out):  # int8 [T, in], f32 [T, nb], int32 [T, nb], uint8 [out, nb*18], ...
+    rows, n = q.shape
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            acc = f32(0.0)
+            for b in range(n // QK):
+                base = b * Q4_0_BLOCK_BYTES  # | d: f16 | qs[0..15] |: byte j holds weights j and j + 16
+                sumi = i32(0)
+                for j in range(QK // 2):
+                    byte = raw[o, base + 2 + j]
+                    sumi = i32(sumi + i16(byte & 0xF) * i16(q[t, b * QK + j])
+                               + i16(byte >> 4) * i16(q[t, b * QK + QK // 2 + j]))  # fmt: skip
+                sumi = i32(sumi - 8 * qsum[t, b])  # sum (nibble - 8) * q
+                acc += f32(sumi) * (_f16(table, raw[o, base], raw[o, base + 1]) * d[t, b])
+            out[t, o] = acc
+
+
+@njit(cache=True)
+def _rows_q4_1(q, d, s, raw, table, out):  # int8 [T, in], f32 [T, nb] x2, uint8 [out, nb*20], [65536], [T, out]
+    rows, n = q.shape
+    for o in range(raw.shape[0]):
+        for t in range(rows):
+            acc = f32(0.0)
+            for b in range(n // QK):
+                base = b * Q4_1_BLOCK_BYTES  # | d: f16 | m: f16 | qs[0..15] |
+                sumi = i32(0)
+                for j in range(QK // 2):
+                    byte = raw[o, base + 4 + j]
+                    sumi = i32(sumi + i16(byte & 0xF) * i16(q[t, b * QK + j])
+                               + i16(byte >> 4) * i16(q[t, b * QK + QK // 2 + j]))  # fmt: skip
+                dw = _f16(table, raw[o, base], raw[o, base + 1])
+                mw = _f16(table, raw[o, base + 2], raw[o, base + 3])
+                acc += f32(sumi) * (dw * d[t, b]) + mw * s[t, b]
+            out[t, o] = acc
+
+
+# --- prefill shapes: the dequantized int8 activations times float32 weight tiles, by BLAS --------
+
+
+@njit(cache=True)
+def _dequantize(q, d, x8):  # int8 [T, in], f32 [T, nb], f32 [T, in] (written): q * d, exact
+    for t in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            x8[t, i] = f32(q[t, i]) * d[t, i // QK]
+
+
+@njit(cache=True)
+def _tile_q4_1_scaled(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] (written)
+    """Rows ``o0 ..`` of ``d * nibble`` (Q4_1 without its minimum: that meets ``s`` separately)."""
+    for r in range(tile.shape[0]):
+        for b in range(tile.shape[1] // QK):
+            base = b * Q4_1_BLOCK_BYTES
+            dw = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
+            for j in range(QK // 2):
+                byte = np.int32(raw[o0 + r, base + 4 + j])
+                tile[r, b * QK + j] = dw * f32(byte & 0xF)
+                tile[r, b * QK + QK // 2 + j] = dw * f32(byte >> 4)
+
+
+def _x8(q: np.ndarray, d: np.ndarray) -> np.ndarray:  # int8 [T, in], f32 [T, nb] -> f32 [T, in]
+    x8 = np.empty(q.shape, dtype=np.float32)
+    _dequantize(q, d, x8)
+    return x8
+
+
+def _minimums(raw: np.ndarray) -> np.ndarray:  # uint8 [out, nb*20] -> f32 [out, nb]: every block's m
+    b = raw.reshape(raw.shape[0], -1, Q4_1_BLOCK_BYTES)
+    return np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+
+
+def _prepare(x: np.ndarray, raw: np.ndarray, block_bytes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % QK:
+        raise ValueError(f"{name}: expected float32 x [T, in] with in a multiple of {QK}, got {x.shape}")
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % block_bytes:
+        raise ValueError(f"{name}: expected uint8 [out, n*{block_bytes}] raw blocks, got {raw.dtype} {raw.shape}")
+    if raw.shape[1] // block_bytes * QK != x.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[1]} features, the blocks hold {raw.shape[1] // block_bytes * QK}")
+    return x, np.ascontiguousarray(raw)
+
+
+def _decode(kernel: Callable[..., None], rows: int, out_features: int, *args: np.ndarray) -> np.ndarray:
+    out = np.empty((rows, out_features), dtype=np.float32)
+    _run(kernel, *args, F16_TABLE, out)
+    return out
+
+
+def linear_q8_0_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*34] -> [T, out]
+    """Q8_0 weights times Q8_0 activations; same contract as ``kernels_ref.linear_q8_0_a8``."""
+    x, raw = _prepare(x, raw, Q8_0_BLOCK_BYTES, "linear_q8_0_a8")
+    q, d, _, _ = quantize_activations(x)
+    if x.shape[0] > R_MAX_A8:
+        return linear_tiled(_x8(q, d), raw.shape[0], _tile_q8_0, raw, F16_TABLE)
+    return _decode(_rows_q8_0, x.shape[0], raw.shape[0], q, d, raw)
+
+
+def linear_q4_0_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
+    """Q4_0 weights times Q8_0 activations; same contract as ``kernels_ref.linear_q4_0_a8``."""
+    x, raw = _prepare(x, raw, Q4_0_BLOCK_BYTES, "linear_q4_0_a8")
+    q, d, _, qsum = quantize_activations(x)
+    if x.shape[0] > R_MAX_A8:
+        return linear_tiled(_x8(q, d), raw.shape[0], _tile_q4_0, raw, F16_TABLE)
+    return _decode(_rows_q4_0, x.shape[0], raw.shape[0], q, d, qsum, raw)
+
+
+def linear_q4_1_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
+    """Q4_1 weights times Q8_1 activations; same contract as ``kernels_ref.linear_q4_1_a8``.
+
+    Prefill: ``x8 @ (d * nibble).T + s @ m.T``, the block minimums meeting ``s`` as in
+    the reference (not ``sum x8``, which differs from ``s`` by ``s``'s float16 rounding).
+    """
+    x, raw = _prepare(x, raw, Q4_1_BLOCK_BYTES, "linear_q4_1_a8")
+    q, d, s, _ = quantize_activations(x)
+    if x.shape[0] > R_MAX_A8:
+        y = linear_tiled(_x8(q, d), raw.shape[0], _tile_q4_1_scaled, raw, F16_TABLE)
+        y += s @ _minimums(raw).T
+        return y
+    return _decode(_rows_q4_1, x.shape[0], raw.shape[0], q, d, s, raw)
