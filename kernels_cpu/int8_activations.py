@@ -26,12 +26,12 @@ activation block computed once by the quantizer. Written with the ``- 8`` inside
 product, LLVM kept 16-bit multiplies (``vpmullw``) and a separate widening add, not the
 pairwise ``vpmaddwd``.
 
-Assembly (``dispatcher.inspect_asm(signature)`` on the compiled ``_rows_*``; AMD EPYC
-Zen 4, AVX-512 with VNNI, Numba 0.68 / LLVM 15-era llvmlite): each block's 32-product
+Assembly (:func:`decode_kernel_asm`: ``inspect_asm`` of an uncached ``_rows_*``; AMD EPYC
+Zen 4, AVX-512 with VNNI, Numba 0.68, llvmlite 0.50 on LLVM 22): each block's 32-product
 loop becomes ``vpmovsxbw`` (int8 -> int16, the activations and Q8_0 weights) or
 ``vpmovzxbw`` (the nibbles), one 512-bit ``vpmaddwd`` (32 int16 products summed
-pairwise into 16 int32 lanes), a horizontal add of the 16 lanes, and ``vcvtdq2ps``
-for the block sum. LLVM emits no ``vpdpwssd`` / ``vpdpbusd`` here: VNNI fuses a
+pairwise into 16 int32 lanes), a horizontal add of the 16 lanes, and a conversion
+of the block sum to float32 (``vcvtdq2ps`` and scalar forms). LLVM emits no ``vpdpwssd`` / ``vpdpbusd`` here: VNNI fuses a
 multiply-add into an *accumulator*, and the block's sum is consumed the same block (the
 scale differs per block), so there is no accumulator to fuse into. Two things matter,
 both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
@@ -39,6 +39,8 @@ both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
 * The 32-product loop is fully unrolled and then packed by LLVM's SLP vectorizer, which
   Numba leaves off unless told; :func:`kernels_cpu.quant._run` turns it on while these
   kernels compile. Off, the same source ran as scalar code: 0.77 ms instead of 0.15.
+  :func:`decode_kernel_asm` returns the assembly (tests/test_int8_activations.py
+  checks it for ``vpmaddwd`` / ``vpdpwssd`` / ``vpdpbusd`` on AVX2 hosts).
 * The products are written ``int32(acc + int16(a) * int16(b))``: Numba types integer
   arithmetic as int64, and the casts let LLVM narrow it back to the pattern its x86
   backend turns into ``vpmaddwd``. Without them (plain ``int32(a) * int32(b)``) nothing
@@ -46,10 +48,37 @@ both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
   int32 lanes, then one fused multiply-add per block into float lanes) came out as
   ``vpmulld`` and ran 6x slower; two rows of x per pass over the weights, 1.4x slower.
 
-Measured (``python bench/`` is not used: the loop below, ms of thread CPU time, median of
-15 runs; matrices in cache; other processes kept the load average near 1 on 2 cores):
+Measured: ms of thread CPU time, median of 15 runs (3 where T * out > 1e6) after one
+warm-up call; random GGUF rows (``check_kernels.cases.quant.gguf_raw``), x standard
+normal; float-activation kernels of ``kernels_cpu.quant`` (fp) against these (a8);
+AMD EPYC Zen 4, 2 cores shared with other work (load average 0.4), OpenBLAS on one
+thread as ``nanoserve.threads`` sets it, matrices in cache::
 
-    (filled in below, in :data:`MEASURED`)
+    fmt   in->out       T=1 fp / a8     T=4 fp / a8     T=32 fp / a8     T=512 fp / a8
+    q8_0   576->576     0.05   0.04     0.17   0.12     0.43   0.51        3.33    4.64
+    q8_0   576->192     0.02   0.02     0.06   0.05     0.17   0.24        1.26    2.29
+    q8_0   576->1536    0.13   0.09     0.46   0.32     2.25   2.23       11.82   12.07
+    q8_0  1536->576     0.09   0.09     0.36   0.34     1.14   1.28        9.52   12.01
+    q8_0   576->49152   4.54   4.36    15.05  10.13    68.15  67.94      434.14  494.51
+    q4_0   576->576     0.05   0.05     0.22   0.17     1.59   1.65        5.00    4.07
+    q4_0   576->192     0.02   0.02     0.07   0.07     0.21   0.27        1.10    1.83
+    q4_0   576->1536    0.08   0.09     0.32   0.33     1.61   1.94        9.00    9.62
+    q4_0  1536->576     0.08   0.11     0.24   0.39     1.19   1.47        8.09   10.62
+    q4_0   576->49152   4.18   4.10    16.68  13.93    58.62  63.86      389.25  474.88
+    q4_1   576->576     0.04   0.05     0.21   0.17     1.20   1.30        4.90    6.39
+    q4_1   576->192     0.02   0.02     0.07   0.08     0.53   0.59        2.21    3.27
+    q4_1   576->1536    0.15   0.12     0.55   0.46     3.93   3.60       11.96   14.02
+    q4_1  1536->576     0.08   0.09     0.31   0.36     2.77   3.87       12.83   15.38
+    q4_1   576->49152   5.10   4.30    18.50  14.25    53.08  60.79      502.33  405.56
+
+Decode rows gain little at T = 1 (a block costs about the same either way: one
+``vpmaddwd`` plus a horizontal add, against the float kernel's two multiply-adds per
+lane) and up to 1.5x at T = 4, where the float kernel re-widens the weights for every
+row. Prefill rows take the float path's BLAS tiles, on the dequantized int8 x, so they
+cost what it costs plus the quantizing (T = 32, 512: within the noise of the machine
+to 1.7x slower on the small matrices). ``R_MAX_A8``: on Q8_0 at T = 8 / 12 / 16 the decode
+loop took 0.63 / 0.93 / 1.26 ms on [1536, 576] (576 -> 1536), the float path's tiles 0.89 / 0.94 /
+0.92 ms.
 
 Rounding: the decode loops do exactly the reference's float32 operations in its order
 (block sum, ``dw * d``, product, add; Q4_1's ``mw * s`` added to that block's term
@@ -71,8 +100,9 @@ from numba import njit
 from kernels_cpu.quant import F16_TABLE, _f16, _run, _tile_q4_0, _tile_q8_0, linear_tiled
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
-#: Up to this many rows the integer decode loops run; above, float32 tiles into BLAS.
-R_MAX_A8 = 16
+#: Up to this many rows the integer decode loops run; above, float32 tiles into BLAS
+#: (measured crossover: the module docstring).
+R_MAX_A8 = 12
 
 i16 = np.int16  # short, for the product lines below
 i32 = np.int32
@@ -224,6 +254,30 @@ def _x8(q: np.ndarray, d: np.ndarray) -> np.ndarray:  # int8 [T, in], f32 [T, nb
 def _minimums(raw: np.ndarray) -> np.ndarray:  # uint8 [out, nb*20] -> f32 [out, nb]: every block's m
     b = raw.reshape(raw.shape[0], -1, Q4_1_BLOCK_BYTES)
     return np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+
+
+# --- what LLVM made of the decode loops --------------------------------------------------------------
+
+
+def decode_kernel_asm(fmt: str) -> str:
+    """The x86 (or host) assembly of the ``_rows_<fmt>`` decode loop, as the kernels compile it.
+
+    Cached code cannot be inspected, so an uncached copy is compiled here (SLP vectorizer
+    on, as :func:`kernels_cpu.quant._run` compiles the real one) for int8 / float32 /
+    uint8 C-contiguous 2-D arguments.
+    """
+    import numba
+    from numba import types
+
+    kernels = {"q8_0": _rows_q8_0, "q4_0": _rows_q4_0, "q4_1": _rows_q4_1}
+    if fmt not in kernels:
+        raise ValueError(f"decode_kernel_asm: unknown format {fmt!r}; choose from {', '.join(kernels)}")
+    i8, f32_2, u8, table = types.int8[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], types.float32[::1]
+    middle = {"q8_0": (f32_2,), "q4_0": (f32_2, types.int32[:, ::1]), "q4_1": (f32_2, f32_2)}[fmt]
+    signature = (i8, *middle, u8, table, f32_2)
+    copy = numba.njit(kernels[fmt].py_func)
+    _run(copy.compile, signature)
+    return copy.inspect_asm(signature)
 
 
 # --- the kernels ----------------------------------------------------------------------------------

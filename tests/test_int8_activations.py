@@ -1,0 +1,186 @@
+"""Int8 activations (llama.cpp's Q8_0 / Q8_1 path): the reference's properties, and the cpu kernels.
+
+The kernel suite (tests/kernels) grades every backend against the reference over random
+shapes; here the reference itself is held to what its docstring promises, and the cpu
+backend's quantizer, decode loops, prefill path and assembly are checked directly.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import numpy as np
+import pytest
+
+import kernels_ref
+from kernels_cpu import int8_activations as cpu_a8
+from kernels_ref.int8_activations import activation_error_bound, dequantize_activations
+from nanoserve.check_kernels.cases.int8_activations import INT8_DOT, int8_dot_magnitude
+from nanoserve.check_kernels.cases.quant import gguf_raw
+from nanoserve.check_kernels.compare import compare
+from nanoserve.check_kernels.tolerances import DOT
+
+FORMATS = {  # name -> (block bytes, float16 headers, float-activation reference kernel)
+    "q8_0": (34, 1, kernels_ref.linear_q8_0),
+    "q4_0": (18, 1, kernels_ref.linear_q4_0),
+    "q4_1": (20, 2, kernels_ref.linear_q4_1),
+}
+
+
+def _case(fmt: str, tokens: int, in_features: int, out: int, seed: int = 0, x_scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    block_bytes, headers, _ = FORMATS[fmt]
+    raw = gguf_raw({"in": in_features, "out": out, "scales": "normal"}, rng, block_bytes, headers)
+    x = (rng.standard_normal((tokens, in_features)) * x_scale).astype(np.float32)
+    return x, raw
+
+
+def _a8(fmt: str, module=kernels_ref):
+    return getattr(module, f"linear_{fmt}_a8")
+
+
+# --- the reference ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 1e-6, 300.0])
+def test_quantized_activations_reconstruct_x_within_half_a_step(x_scale: float) -> None:
+    x = (np.random.default_rng(1).standard_normal((5, 128)) * x_scale).astype(np.float32)
+    q, d = kernels_ref.quantize_activations_q8_0(x)
+    x3 = x.reshape(5, 4, 32).astype(np.float64)
+    d32 = (np.abs(x3).max(axis=-1).astype(np.float32) / np.float32(127)).astype(np.float64)
+    q3 = q.reshape(5, 4, 32).astype(np.float64)
+    assert np.abs(q).max() <= 127
+    assert np.all(np.abs(x3 - q3 * d32[..., None]) <= d32[..., None] / 2 * (1 + 1e-6))
+    assert np.array_equal(d, d32.astype(np.float32).astype(np.float16).astype(np.float32))
+
+
+def test_q8_1_sum_is_the_float16_of_the_integer_sum_times_the_unrounded_scale() -> None:
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    q, d, s = kernels_ref.quantize_activations_q8_1(x)
+    q0, d0 = kernels_ref.quantize_activations_q8_0(x)
+    assert np.array_equal(q, q0) and np.array_equal(d, d0)
+    d32 = np.abs(x.reshape(3, 2, 32)).max(axis=-1) / np.float32(127)
+    sums = q.reshape(3, 2, 32).sum(axis=-1).astype(np.float32)
+    assert np.array_equal(s, (sums * d32).astype(np.float16).astype(np.float32))
+
+
+def test_golden_block_rounds_half_away_from_zero() -> None:
+    # amax = 127 gives d32 = 1 and 1 / d32 = 1 exactly: q = roundf(x), whose ties go away from zero
+    x = np.zeros((1, 32), dtype=np.float32)
+    x[0, :6] = [127.0, -2.5, 2.5, 0.5, -0.49, 3.6]
+    q, d, s = kernels_ref.quantize_activations_q8_1(x)
+    assert q[0, :6].tolist() == [127, -3, 3, 1, 0, 4] and not q[0, 6:].any()
+    assert d.tolist() == [[1.0]] and s.tolist() == [[132.0]]
+    # one Q8_0 weight block: d_w = 0.5, q_w = 1, 2, 3, ... 32 (as int8 bytes)
+    raw = np.zeros((1, 34), dtype=np.uint8)
+    raw[0, :2] = np.array([0.5], dtype=np.float16).view(np.uint8)
+    raw[0, 2:] = np.arange(1, 33, dtype=np.int8).view(np.uint8)
+    want = 0.5 * (127 * 1 - 3 * 2 + 3 * 3 + 1 * 4 + 0 * 5 + 4 * 6)  # 79.0
+    assert kernels_ref.linear_q8_0_a8(x, raw).tolist() == [[want]]
+    assert cpu_a8.linear_q8_0_a8(x, raw).tolist() == [[want]]
+    # Q4_1: d_w = 1, m_w = 0.25, every nibble 1: sum(q) * 1 + 0.25 * s = 132 + 33
+    raw41 = np.zeros((1, 20), dtype=np.uint8)
+    raw41[0, :4] = np.array([1.0, 0.25], dtype=np.float16).view(np.uint8)
+    raw41[0, 4:] = 0x11
+    assert kernels_ref.linear_q4_1_a8(x, raw41).tolist() == [[165.0]]
+    assert cpu_a8.linear_q4_1_a8(x, raw41).tolist() == [[165.0]]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a8_kernels_equal_float64_on_dequantized_activations_and_weights(fmt: str) -> None:
+    x, raw = _case(fmt, 6, 256, 40)
+    got = _a8(fmt)(x, raw)
+    if fmt == "q4_1":
+        q, d, s = kernels_ref.quantize_activations_q8_1(x)
+        b = raw.reshape(40, 8, 20)
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float64)
+        w = kernels_ref.dequantize_q4_1(raw).astype(np.float64) - np.repeat(m, 32, axis=1)
+        want = dequantize_activations(q, d).astype(np.float64) @ w.T + s.astype(np.float64) @ m.T
+    else:
+        q, d = kernels_ref.quantize_activations_q8_0(x)
+        w = getattr(kernels_ref, f"dequantize_{fmt}")(raw).astype(np.float64)
+        want = dequantize_activations(q, d).astype(np.float64) @ w.T
+    magnitude = int8_dot_magnitude(fmt)((x, raw), got)
+    assert np.all(np.abs(got - want) <= 1e-6 * magnitude + 1e-7)  # float32 rounding, far inside INT8_DOT
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_error_against_float_activations_is_within_the_stated_bound(fmt: str) -> None:
+    x, raw = _case(fmt, 8, 576, 64, seed=3)
+    w = getattr(kernels_ref, f"dequantize_{fmt}")(raw)
+    err = np.abs(_a8(fmt)(x, raw).astype(np.float64) - FORMATS[fmt][2](x, raw))
+    rounding = 2 * (DOT.atol + DOT.rtol * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T))
+    bound = activation_error_bound(x, w) + rounding
+    assert np.all(err <= bound)
+    assert err.max() > 10 * rounding.max()  # the activations really are rounded: the bound is needed
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    x, raw = _case("q8_0", 2, 64, 3)
+    for kernel in (kernels_ref.linear_q8_0_a8, cpu_a8.linear_q8_0_a8):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            kernel(x[:, :40], raw)
+        with pytest.raises(ValueError, match="features"):
+            kernel(np.zeros((2, 96), np.float32), raw)
+        with pytest.raises(ValueError, match="raw blocks"):
+            kernel(x, raw[:, :33])
+
+
+# --- the cpu backend ---------------------------------------------------------------------------------
+
+
+def test_compiled_float16_rounding_matches_numpy_on_ties_subnormals_and_overflow() -> None:
+    h = np.arange(0, 0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float64)
+    midpoints = ((h[:-1] + h[1:]) / 2).astype(np.float32)  # every tie, subnormal ties included
+    rng = np.random.default_rng(4)
+    spread = (rng.standard_normal(20000) * 10.0 ** rng.integers(-10, 6, 20000)).astype(np.float32)
+    values = np.concatenate([midpoints[::7], -midpoints[::11], spread, np.float32([0, 65504, 65519, 65520, 1e6])])
+    got = np.array([cpu_a8._f16_value(np.float32(v)) for v in values], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16).astype(np.float32)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("x_scale", [1.0, 1e-6])
+def test_compiled_quantizer_equals_the_reference_bit_for_bit(x_scale: float) -> None:
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((7, 192)) * x_scale).astype(np.float32)
+    x[0, :32] = 0.0  # a block of zeros: d = 0
+    x[1, :32] = (np.arange(-16, 16) + np.float32(0.5)) * np.float32(x_scale)  # with amax 127: ties of roundf
+    x[1, 31] = np.float32(127 * x_scale)
+    q, d, s, qsum = cpu_a8.quantize_activations(x)
+    q_ref, d_ref, s_ref = kernels_ref.quantize_activations_q8_1(x)
+    assert np.array_equal(q, q_ref) and np.array_equal(d, d_ref) and np.array_equal(s, s_ref)
+    assert np.array_equal(qsum, q_ref.reshape(7, 6, 32).sum(axis=-1))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cpu_decode_rows_return_the_references_bits(fmt: str) -> None:
+    for tokens in (1, 3, cpu_a8.R_MAX_A8):
+        x, raw = _case(fmt, tokens, 576, 50, seed=tokens)
+        assert np.array_equal(_a8(fmt, cpu_a8)(x, raw), _a8(fmt)(x, raw))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cpu_prefill_rows_are_within_the_int8_dot_tolerance(fmt: str) -> None:
+    x, raw = _case(fmt, cpu_a8.R_MAX_A8 + 5, 1536, 300, seed=6)  # 300 rows: two BLAS tiles
+    ref = _a8(fmt)(x, raw)
+    outcome = compare(_a8(fmt, cpu_a8)(x, raw), ref, INT8_DOT, int8_dot_magnitude(fmt)((x, raw), ref))
+    assert outcome.problem is None, outcome.problem
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(),
+                    reason="the integer multiply-add instructions checked are x86 AVX2 / AVX-512 ones")  # fmt: skip
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_compiled_decode_loop_uses_integer_multiply_add_instructions(fmt: str) -> None:
+    asm = cpu_a8.decode_kernel_asm(fmt)
+    assert re.search(r"\b(vpmaddwd|vpdpwssd|vpdpbusd)\b", asm), f"no integer multiply-add in _rows_{fmt}"
