@@ -30,10 +30,10 @@ Assembly (:func:`decode_kernel_asm`: ``inspect_asm`` of an uncached ``_rows_*``;
 Zen 4, AVX-512 with VNNI, Numba 0.68, llvmlite 0.50 on LLVM 22): each block's 32-product
 loop becomes ``vpmovsxbw`` (int8 -> int16, the activations and Q8_0 weights) or
 ``vpmovzxbw`` (the nibbles), one 512-bit ``vpmaddwd`` (32 int16 products summed
-pairwise into 16 int32 lanes), a horizontal add of the 16 lanes, and a conversion
-of the block sum to float32 (``vcvtdq2ps`` and scalar forms). LLVM emits no ``vpdpwssd`` / ``vpdpbusd`` here: VNNI fuses a
-multiply-add into an *accumulator*, and the block's sum is consumed the same block (the
-scale differs per block), so there is no accumulator to fuse into. Two things matter,
+pairwise into 16 int32 lanes), a horizontal add of the 16 lanes, and a conversion of
+the block sum to float32 (``vcvtdq2ps`` or a scalar form). LLVM emits no ``vpdpwssd`` /
+``vpdpbusd`` here: VNNI fuses a multiply-add into an *accumulator*, and each block's sum
+is consumed in the same block (the scale differs per block), so there is none to fuse into. Two things matter,
 both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
 
 * The 32-product loop is fully unrolled and then packed by LLVM's SLP vectorizer, which
