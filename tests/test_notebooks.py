@@ -54,5 +54,11 @@ def test_notebook_06_speculative_decoding_runs_without_errors(monkeypatch: pytes
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
+def test_notebook_07_quantization_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert execute_notebook("07_quantization.ipynb", monkeypatch) == []
+
+
+@pytest.mark.real_model
 def test_notebook_08_structured_output_runs_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert execute_notebook("08_structured_output.ipynb", monkeypatch) == []
