@@ -81,6 +81,8 @@ def perplexity_of(engine: Any, text: str, args: argparse.Namespace) -> dict[str,
     """Perplexity and its llama.cpp-style error bar, or nothing if the text is too short."""
     from nanoserve.perplexity import PerplexityError, perplexity
 
+    if args.chunks == 0:  # asked for none
+        return {}
     try:
         result = perplexity(engine, text, ctx=args.ctx, chunks=args.chunks)
     except PerplexityError as exc:

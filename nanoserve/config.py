@@ -25,6 +25,8 @@ KV_CACHE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")  # KV page for
 WEIGHT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1", "gguf")  # nanoserve.quant
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 SPECULATIVE_METHODS: tuple[str, ...] = ("none", "ngram", "draft")  # nanoserve.spec
+ACTIVATIONS: tuple[str, ...] = ("float", "int8")  # what the matmuls multiply the weights with (nanoserve.quant)
+INT8_ACTIVATION_WEIGHTS: tuple[str, ...] = ("gguf", "q8_0", "q4_0", "q4_1")  # the block formats int8 activations pair with
 
 
 def setting(
@@ -52,6 +54,12 @@ class EngineConfig:
     )
     weights: str = setting(
         "fp32", "weight format in memory; gguf keeps the file's quantized blocks", choices=WEIGHT_FORMATS
+    )
+    activations: str = setting(
+        "float",
+        "activations into the quantized matmuls: float, or int8 (quantized per 32 values with integer dot "
+        "products, as llama.cpp does; changes outputs slightly; needs --weights gguf, q8_0, q4_0 or q4_1)",
+        choices=ACTIVATIONS,
     )
     block_size: int = setting(16, "tokens per KV-cache block")
     num_blocks: int | None = setting(None, "KV-cache blocks in the pool (default: from --kv-cache-memory)")

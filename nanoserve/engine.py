@@ -31,7 +31,14 @@ import numpy as np
 
 from nanoserve import components, threads
 from nanoserve.cache.paged import PagedKVCache, bytes_per_block
-from nanoserve.config import SPECULATIVE_METHODS, EngineConfig
+from nanoserve.config import (
+    ACTIVATIONS,
+    INT8_ACTIVATION_WEIGHTS,
+    KV_CACHE_DTYPES,
+    SPECULATIVE_METHODS,
+    WEIGHT_FORMATS,
+    EngineConfig,
+)
 from nanoserve.errors import (
     CapacityError,
     ConfigError,
@@ -56,6 +63,14 @@ __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
 
 def check_config(config: EngineConfig) -> None:
     """Raise ConfigError naming the first setting that is out of range (checked before loading)."""
+    for name, allowed in (("weights", WEIGHT_FORMATS), ("kv_cache_dtype", KV_CACHE_DTYPES), ("activations", ACTIVATIONS)):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"unknown {name} {getattr(config, name)!r}; choose one of {', '.join(allowed)}")
+    if config.activations == "int8" and config.weights not in INT8_ACTIVATION_WEIGHTS:
+        raise ConfigError(
+            f"activations int8 needs GGUF block weights (weights {', '.join(INT8_ACTIVATION_WEIGHTS)}), "
+            f"got weights {config.weights!r}"
+        )
     at_least_one = ("block_size", "max_num_batched_tokens", "max_num_seqs")
     for name in at_least_one + ("num_blocks", "max_model_len"):
         value = getattr(config, name)
@@ -115,7 +130,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.backend: Backend = get_backend(config.backend)
-        self.model = LlamaModel(loaded.config, loaded.weights, self.backend)
+        self.model = LlamaModel(loaded.config, loaded.weights, self.backend, config.activations)
         mc = loaded.config
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ConfigError(

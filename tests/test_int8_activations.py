@@ -184,3 +184,57 @@ def _has_avx2() -> bool:
 def test_compiled_decode_loop_uses_integer_multiply_add_instructions(fmt: str) -> None:
     asm = cpu_a8.decode_kernel_asm(fmt)
     assert re.search(r"\b(vpmaddwd|vpdpwssd|vpdpbusd)\b", asm), f"no integer multiply-add in _rows_{fmt}"
+
+
+# --- --activations int8 in the model ------------------------------------------------------------
+
+
+def _tiny_logits(model_dir: str, backend: str, weights: str, activations: str) -> np.ndarray:  # -> [10, V]
+    """One 9-row prefill (prefill kernels, above R_MAX_A8) then one decode row."""
+    from nanoserve.cache.contiguous import ContiguousKVCache
+    from nanoserve.kernels import get_backend
+    from nanoserve.model import load_checkpoint
+    from nanoserve.model.llama import LlamaModel
+
+    loaded = load_checkpoint(model_dir, weights)
+    model = LlamaModel(loaded.config, loaded.weights, get_backend(backend), activations)
+    ids = np.array([5, 17, 42, 100, 7, 250, 3, 64, 99, 11] * 2)
+    cache = ContiguousKVCache(model.config, len(ids), model.backend)
+    rows = []
+    for positions in (np.arange(len(ids) - 1), np.array([len(ids) - 1])):
+        cache.set_positions(positions)
+        rows.append(np.asarray(model.compute_logits(model.forward(ids[positions], positions, cache))))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("weights", ["q8_0", "q4_1"])
+def test_int8_activations_move_the_logits_a_little_and_the_cpu_backend_agrees_with_the_reference(
+    weights: str, tiny_model_dir: str
+) -> None:
+    floats = _tiny_logits(tiny_model_dir, "ref", weights, "float")
+    ref = _tiny_logits(tiny_model_dir, "ref", weights, "int8")
+    cpu = _tiny_logits(tiny_model_dir, "cpu", weights, "int8")
+    moved = np.linalg.norm(ref - floats) / np.linalg.norm(floats)
+    assert 0 < moved < 0.05  # the a8 kernels really run, and round x by at most half a step per block
+    assert np.linalg.norm(cpu - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_int8_activations_leave_formats_without_a8_kernels_on_float_activations(tiny_model_dir: str) -> None:
+    np.testing.assert_array_equal(
+        _tiny_logits(tiny_model_dir, "ref", "int8", "int8"), _tiny_logits(tiny_model_dir, "ref", "int8", "float")
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"weights": "fp32", "activations": "int8"}, "activations int8 needs GGUF block weights .* got weights 'fp32'"),
+        ({"activations": "int4"}, "unknown activations 'int4'; choose one of float, int8"),
+    ],
+)
+def test_engine_refuses_int8_activations_without_block_weights_before_loading(settings: dict, message: str) -> None:
+    from nanoserve.engine import LLMEngine
+    from nanoserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        LLMEngine(model="/no/such/model.gguf", **settings)  # the config is checked before any load

@@ -40,8 +40,9 @@ class KVCache(Protocol):
 class LlamaModel:
     """A Llama decoder bound to its weights (moved to the backend's device) and kernels."""
 
-    def __init__(self, config: LlamaConfig, weights: LlamaWeights, backend: Backend) -> None:
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights, backend: Backend, activations: str = "float") -> None:
         self.config = config
+        self.activations = activations  # "int8": GGUF-block matmuls quantize their input (nanoserve.quant.apply_linear)
         self.backend = backend
         self.xp = backend.xp
         self.k = backend.kernels
@@ -55,17 +56,17 @@ class LlamaModel:
         x = self.embed(input_ids)  # [T, d]
         for i, layer in enumerate(w.layers):
             h = k.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            qkv = apply_linear(k, h, layer.w_qkv)  # [T, q_size + 2 * kv_size]
+            qkv = self.linear(h, layer.w_qkv)  # [T, q_size + 2 * kv_size]
             qk = qkv[:, : q_size + kv_size].reshape(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
             qk = k.rope(qk, positions, c.rope_theta)  # query and key heads: same positions, one call
             q, key = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [T, H, D], [T, Hkv, D]
             value = qkv[:, q_size + kv_size :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
             attn = kv_cache.attend(i, q, key, value)  # [T, H, D]
-            x = x + apply_linear(k, attn.reshape(num_tokens, q_size), layer.w_o)
+            x = x + self.linear(attn.reshape(num_tokens, q_size), layer.w_o)
             h = k.rms_norm(x, layer.ffn_norm, c.rms_norm_eps)
-            gate_up = apply_linear(k, h, layer.w_gate_up)  # [T, 2F]
+            gate_up = self.linear(h, layer.w_gate_up)  # [T, 2F]
             ffn = c.intermediate_size
-            x = x + apply_linear(k, k.silu_mul(gate_up[:, :ffn], gate_up[:, ffn:]), layer.w_down)
+            x = x + self.linear(k.silu_mul(gate_up[:, :ffn], gate_up[:, ffn:]), layer.w_down)
         return x
 
     def embed(self, input_ids: Any) -> Any:  # [T] -> [T, d] float32
@@ -87,7 +88,11 @@ class LlamaModel:
     def compute_logits(self, hidden: Any) -> Any:  # [R, d] -> [R, V] float32
         """Final norm and LM head for the R rows that need a next token."""
         h = self.k.rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
-        return apply_linear(self.k, h, self.weights.lm_head)
+        return self.linear(h, self.weights.lm_head)
+
+    def linear(self, x: Any, w: Any) -> Any:  # [T, in] -> [T, out] float32
+        """``x @ W.T`` through the kernel for w's format and the model's activations."""
+        return apply_linear(self.k, x, w, self.activations)
 
 
 def _to_device(weights: LlamaWeights, backend: Backend) -> LlamaWeights:

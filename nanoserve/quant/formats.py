@@ -23,6 +23,8 @@ _KERNEL = {
     "q4_0": "linear_q4_0",
     "q4_1": "linear_q4_1",
 }
+#: With ``--activations int8``: the GGUF block formats multiply int8 activations (llama.cpp's Q8_0/Q8_1).
+_KERNEL_INT8_ACTIVATIONS = {"q8_0": "linear_q8_0_a8", "q4_0": "linear_q4_0_a8", "q4_1": "linear_q4_1_a8"}
 _DEQUANT = {
     "int8": kernels_ref.dequantize_int8,
     "int4": kernels_ref.dequantize_int4,
@@ -121,8 +123,16 @@ def embedding_rows(w: Weight, ids: Any) -> np.ndarray:  # [V, d] by [T] -> float
     return np.asarray(rows, dtype=np.float32)
 
 
-def apply_linear(kernels: Any, x: Any, w: Weight) -> Any:  # [T, in] -> [T, out]
-    """``x @ W.T`` through the kernel for w's format."""
+def apply_linear(kernels: Any, x: Any, w: Weight, activations: str = "float") -> Any:  # [T, in] -> [T, out]
+    """``x @ W.T`` through the kernel for w's format.
+
+    ``activations="int8"`` sends Q8_0 / Q4_0 / Q4_1 weights to the kernels that quantize x
+    per 32 values and take integer dot products (``kernels_ref.int8_activations``: the
+    result differs from float activations by the rounding of x, as llama.cpp's does). Any
+    other format keeps float activations.
+    """
+    if isinstance(w, QuantizedWeight) and activations == "int8" and w.format in _KERNEL_INT8_ACTIVATIONS:
+        return getattr(kernels, _KERNEL_INT8_ACTIVATIONS[w.format])(x, *w.arrays)
     if isinstance(w, QuantizedWeight):
         return getattr(kernels, _KERNEL[w.format])(x, *w.arrays)
     return kernels.linear(x, w)
