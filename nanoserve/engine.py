@@ -63,9 +63,10 @@ __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
 
 def check_config(config: EngineConfig) -> None:
     """Raise ConfigError naming the first setting that is out of range (checked before loading)."""
-    for name, allowed in (("weights", WEIGHT_FORMATS), ("kv_cache_dtype", KV_CACHE_DTYPES), ("activations", ACTIVATIONS)):
+    for name, label, allowed in (("weights", "weights", WEIGHT_FORMATS), ("kv_cache_dtype", "KV cache dtype", KV_CACHE_DTYPES),
+                                 ("activations", "activations", ACTIVATIONS)):  # fmt: skip
         if getattr(config, name) not in allowed:
-            raise ConfigError(f"unknown {name} {getattr(config, name)!r}; choose one of {', '.join(allowed)}")
+            raise ConfigError(f"{label} must be one of {', '.join(allowed)}; got {getattr(config, name)!r}")
     if config.activations == "int8" and config.weights not in INT8_ACTIVATION_WEIGHTS:
         raise ConfigError(
             f"activations int8 needs GGUF block weights (weights {', '.join(INT8_ACTIVATION_WEIGHTS)}), "

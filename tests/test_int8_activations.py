@@ -229,7 +229,8 @@ def test_int8_activations_leave_formats_without_a8_kernels_on_float_activations(
     ("settings", "message"),
     [
         ({"weights": "fp32", "activations": "int8"}, "activations int8 needs GGUF block weights .* got weights 'fp32'"),
-        ({"activations": "int4"}, "unknown activations 'int4'; choose one of float, int8"),
+        ({"activations": "int4"}, "activations must be one of float, int8; got 'int4'"),
+        ({"weights": "q5_k"}, "weights must be one of fp32, fp16, int8, int4, q8_0, q4_0, q4_1, gguf; got 'q5_k'"),
     ],
 )
 def test_engine_refuses_int8_activations_without_block_weights_before_loading(settings: dict, message: str) -> None:
