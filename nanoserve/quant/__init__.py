@@ -15,6 +15,9 @@ quantized table (dequantizing only the rows gathered).
     q8_0     (uint8 [out, in/32*34],)            linear_q8_0
     q4_0     (uint8 [out, in/32*18],)            linear_q4_0
     q4_1     (uint8 [out, in/32*20],)            linear_q4_1
+
+With ``--activations int8`` the q8_0 / q4_0 / q4_1 weights go to ``linear_q8_0_a8`` /
+``linear_q4_0_a8`` / ``linear_q4_1_a8`` instead (``kernels_ref.int8_activations``).
 """
 
 from nanoserve.quant.formats import (
