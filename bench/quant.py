@@ -86,14 +86,14 @@ def split_format(spec: str) -> tuple[str, str]:
     return spec, "float"
 
 
-def make_engine(loaded: Any, spec: str, max_tokens: int, **overrides: Any) -> Any:
+def make_engine(loaded: Any, spec: str, max_tokens: int) -> Any:
     from nanoserve.engine import LLMEngine
 
     weights, activations = split_format(spec)
     block_size = 16
     return LLMEngine(
         EngineConfig(backend="cpu", weights=weights, activations=activations, block_size=block_size,
-                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512, **overrides),
+                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512),
         loaded=loaded,
     )  # fmt: skip
 
@@ -175,60 +175,65 @@ def stream_throughput(loaded: Any, weights: str, streams: int, args: argparse.Na
     return tps
 
 
-def plot_perplexity(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
-    """Perplexity (with its +/-) against bytes per weight; llama.cpp's at the file's size."""
+def _axes() -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig: Any, ax: Any, ylabel: str, title: str, path: str) -> None:
+    """Label a plot against bytes per weight, and write it."""
+    ax.set_xlabel("bytes per weight (every tensor the run holds / parameters)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def _annotate(ax: Any, bpw: list[float], values: list[float], rows: list[dict[str, Any]]) -> None:
+    for x, y, r in zip(bpw, values, rows, strict=True):
+        ax.annotate(r["weights"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+
+
+def plot_perplexity(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
+    """Perplexity (with its +/-) against bytes per weight; llama.cpp's at the file's size."""
+    fig, ax = _axes()
     scored = [r for r in rows if r["ppl"] is not None]
     bpw = [r["bytes"] / params for r in scored]
-    ax.errorbar(bpw, [r["ppl"] for r in scored], yerr=[r["ppl_stderr"] for r in scored], fmt="o", capsize=4, label="nanoserve")
-    for x, r in zip(bpw, scored, strict=True):
-        ax.annotate(r["weights"], (x, r["ppl"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ppl = [r["ppl"] for r in scored]
+    ax.errorbar(bpw, ppl, yerr=[r["ppl_stderr"] for r in scored], fmt="o", capsize=4, label="nanoserve")
+    _annotate(ax, bpw, ppl, scored)
     gguf_row = next((r for r in scored if r["weights"] == "gguf"), None)
     if peer and gguf_row:
         ax.errorbar([gguf_row["bytes"] / params], [peer["ppl"]], yerr=[peer["ppl_stderr"]], fmt="s", mfc="none",
                     color="k", capsize=4, label="llama.cpp llama-perplexity (the file)")  # fmt: skip
-    ax.set_xlabel("bytes per weight (every tensor the run holds / parameters)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    plt.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    _save(fig, ax, "perplexity (lower is better)", title, path)
 
 
 def plot(rows: list[dict[str, Any]], params: int, peer: dict[str, float] | None, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Decode, prefill and N-stream tokens/s against bytes per weight; llama-bench's at the file's size."""
+    fig, ax = _axes()
     bpw = [r["bytes"] / params for r in rows]
-    series = [(lambda r: r["decode_tps"], "o", "decode, 1 stream"), (lambda r: r["prefill_tps"], "s", "prefill, 128-token prompt")]
+    series = [("o", "decode, 1 stream", [r["decode_tps"] for r in rows]),
+              ("s", "prefill, 128-token prompt", [r["prefill_tps"] for r in rows])]  # fmt: skip
     for n, marker in zip(rows[0]["streams_tps"], "^v", strict=False):
-        series.append((lambda r, n=n: r["streams_tps"][n], marker, f"throughput, {n} streams"))
-    for value, marker, label in series:
-        ax.plot(bpw, [value(r) for r in rows], marker, label=label, markersize=8)
-        for x, r in zip(bpw, rows, strict=True):
-            ax.annotate(r["weights"], (x, value(r)), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if peer:
-        q41 = next(r for r in rows if r["weights"] == "gguf")["bytes"] / params
+        series.append((marker, f"throughput, {n} streams", [r["streams_tps"][n] for r in rows]))
+    for marker, label, values in series:
+        ax.plot(bpw, values, marker, label=label, markersize=8)
+        _annotate(ax, bpw, values, rows)
+    gguf_row = next((r for r in rows if r["weights"] == "gguf"), None)
+    if peer and gguf_row:
         for kind, marker in (("tg128", "o"), ("pp128", "s")):
             if kind in peer:
-                ax.plot([q41], [peer[kind]], marker, mfc="none", color="k", markersize=10, label=f"llama.cpp {kind}")
-    ax.set_xlabel("bytes per weight (every tensor the run holds / parameters)")
-    ax.set_ylabel("tokens/s")
+                ax.plot([gguf_row["bytes"] / params], [peer[kind]], marker, mfc="none", color="k", markersize=10,
+                        label=f"llama.cpp {kind}")  # fmt: skip
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    plt.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    _save(fig, ax, "tokens/s", title, path)
 
 
 def kernels_table(threads_line: str) -> None:

@@ -125,12 +125,15 @@ def activation_error_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, i
     return per_element @ w_blocks.T
 
 
-def _block_sums_times_scales(q: np.ndarray, d: np.ndarray, qw: np.ndarray, dw: np.ndarray) -> np.ndarray:
-    """``sum_b float32(q_b . qw_b) * (dw_b * d_b)``, accumulated in float32 in block order.
+def _block_sums_times_scales(
+    q: np.ndarray, d: np.ndarray, qw: np.ndarray, dw: np.ndarray, mins: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """``sum_b float32(q_b . qw_b) * (dw_b * d_b) [+ mw_b * s_b]``, accumulated in float32 in block order.
 
     q int8 [T, nb, 32], d float32 [T, nb]; qw float32 [out, nb, 32] integer-valued,
-    dw float32 [out, nb] -> float32 [T, out]. One BLAS call per block gives the block's
-    integer sums for every (t, o) exactly (all partial sums are integers below 2**24).
+    dw float32 [out, nb]; ``mins`` = (mw float32 [out, nb], s float32 [T, nb]) for Q4_1
+    -> float32 [T, out]. One BLAS call per block gives the block's integer sums for every
+    (t, o) exactly (all partial sums are integers below 2**24).
     """
     rows, blocks, _ = q.shape
     qx = q.astype(np.float32)
@@ -138,7 +141,10 @@ def _block_sums_times_scales(q: np.ndarray, d: np.ndarray, qw: np.ndarray, dw: n
     y = np.zeros((rows, qw.shape[0]), dtype=np.float32)
     for b in range(blocks):
         sums = qx[:, b, :] @ qw_t[b]  # [T, out], exact integers
-        y += sums * (dw[None, :, b] * d[:, b, None])
+        term = sums * (dw[None, :, b] * d[:, b, None])
+        if mins is not None:
+            term = term + mins[0][None, :, b] * mins[1][:, b, None]
+        y += term
     return y
 
 
@@ -179,11 +185,4 @@ def linear_q4_1_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], ui
     s = (q.sum(axis=-1, dtype=np.int32).astype(np.float32) * d32).astype(np.float16).astype(np.float32)
     qw = _nibbles(b[..., 4:]).astype(np.float32)  # [out, nb, 32]
     dw, mw = _f16(b[..., 0:2])[..., 0], _f16(b[..., 2:4])[..., 0]  # [out, nb] each
-    rows, blocks, _ = q.shape
-    qx = q.astype(np.float32)
-    qw_t = np.ascontiguousarray(qw.transpose(1, 2, 0))  # [nb, 32, out]
-    y = np.zeros((rows, raw.shape[0]), dtype=np.float32)
-    for blk in range(blocks):
-        sums = qx[:, blk, :] @ qw_t[blk]  # [T, out], exact integers
-        y += sums * (dw[None, :, blk] * d[:, blk, None]) + mw[None, :, blk] * s[:, blk, None]
-    return y
+    return _block_sums_times_scales(q, d, qw, dw, mins=(mw, s))
