@@ -20,8 +20,8 @@ temporaries dominates, and takes the rest from the reference on purpose:
                           linear_q4_1_a8 (kernels_cpu.int8_activations: x quantized to
                           int8 blocks, int32 block sums by vpmaddwd for decode rows;
                           the dequantized int8 x into BLAS tiles for prefill rows),
-                          and linear for up to 16 rows (kernels_cpu.linear: each weight
-                          row read once for all rows of the step; BLAS above 16 rows)
+                          and linear for up to 32 rows (kernels_cpu.linear: each weight
+                          row read once for all rows of the step; BLAS above 32 rows)
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
     the reference's       silu_mul and softmax (SIMD ufuncs), attention (BLAS), the
     (already the best     sampling filters, and the prefill chunks of paged_attention

@@ -4,45 +4,52 @@ A decode step multiplies one row per sequence by each weight matrix; a speculati
 verification multiplies k + 1 rows of one sequence. With so few rows the product is
 bound by reading the weights (SmolLM2-135M in float32: 540 MB per forward pass), so a
 step of T rows should cost about what one row costs. BLAS does not get there: OpenBLAS's
-GEMM for 2-16 rows took about twice its GEMV for one row, and its one-thread GEMV read
-the weights at half the speed of a plain compiled loop. So up to ``R_MAX`` rows a
-compiled loop reads each weight row once for all rows of the step::
+GEMM for 2-32 rows costs 3-6x its GEMV for one row. So up to ``R_MAX`` rows a compiled
+loop reads each weight row once for all rows of the step::
 
-    for o in range(out):                          the hot loop: one pass over W
-        prefetch W[o + 16] into L2                (a hint: see PREFETCH_AHEAD)
-        w_row = W[o]                              [in]  (from memory once, then from L1)
-        for each block of up to 4 rows t..t+3:    x [T, in] is small: it stays in L1/L2
-            y[t:t+4, o] = w_row . x[t:t+4]        4 dot products in one loop over in
+    for o in range(0, out, 4):                    the hot loop: one pass over W
+        w4 = W[o:o+4]                             [4, in] (from memory once, then from L1)
+        for each block of up to 5 rows t..t+4:    x [T, in] is small: it stays in L1/L2
+            y[t:t+5, o:o+4] = x[t:t+5] @ w4.T     20 dot products in one loop over in
 
-From ``PAIR_MIN_ROWS`` rows on, two weight rows go through the loop together, so that
-each load of ``x[t, i]`` serves two products. LLVM vectorises the loop over ``in``
-(``fastmath`` reassociation lets it split every sum into SIMD lanes), accumulating in
-float32 as BLAS does. A float16 weight row is widened to float32 in a scratch row first
-(exactly, from its bits: Numba's CPU target has no float16), so an fp16 model reads half
-the bytes and never converts a whole matrix.
+Each ``_quad_dots_<n>`` is that loop for a block of n rows of x, its 4n sums written out
+as scalars: LLVM vectorises the loop over ``in`` (``fastmath`` reassociation lets it split
+every sum into SIMD lanes) and keeps the 4n lane vectors in registers, so one load of
+``x[t, i:i+16]`` serves four weight rows and one load of ``W[o, i:i+16]`` serves n rows of
+x. Everything accumulates in float32, as BLAS does. A float16 weight row is widened to
+float32 in a scratch row first (exactly, from its bits: Numba's CPU target has no
+float16), so an fp16 model reads half the bytes and never converts a whole matrix.
 
-Measured with ``python bench/forward_rows.py`` (AMD EPYC Zen 4, 2 cores, AVX-512, OpenBLAS
-0.3.31 on 1 thread as ``nanoserve.threads`` sets it, load average ~3 from other
-processes; thread CPU time per call, median of 11, 30 distinct weights per layer shape):
+Measured (AMD EPYC Zen 5, 2 cores, AVX-512, OpenBLAS 0.3.31 on 1 thread as
+``nanoserve.threads`` sets it, load average 0.1; thread CPU time per call, median of 9,
+30 distinct weights per shape so that they stream from memory as in the model, rows
+interleaved in every repeat). ``pairs``: the loop this one replaced, one or two weight
+rows at a time against blocks of 4 rows of x, with a software prefetch 16 rows ahead::
 
-    rows T   [49152, 576] LM head      [3072, 576] gate/up       [576, 1536] down
-             BLAS      compiled        BLAS      compiled        BLAS      compiled
-    1        12.5 ms   5.7 ms          0.80 ms   0.38 ms         0.30 ms   0.22 ms
-    2        24.5      5.7             1.50      0.37            0.50      0.19
-    5        27.3      6.6             1.64      0.39            0.61      0.41
-    9        32.2      11.5            1.82      0.58            0.69      0.52
-    17       36.0      (BLAS)          2.06      (BLAS)          0.84      (BLAS)
+    rows T   [3072, 576] gate/up          [576, 1536] down             [49152, 576] LM head
+             BLAS   pairs   compiled      BLAS   pairs   compiled      BLAS    pairs   compiled
+    1        0.248  0.282   0.258         0.125  0.164   0.116         4.09    4.34    3.88
+    2        0.848  0.282   0.295         0.388  0.175   0.138         15.4    4.73    4.91
+    3        0.999  0.389   0.321         0.451  0.210   0.154         17.2    5.93    5.33
+    5        1.056  0.395   0.364         0.492  0.247   0.199         18.9    6.18    6.27
+    9        1.065  0.672   0.485         0.487  0.309   0.261         19.5    9.82    8.20
 
-Why each threshold is where it is:
+Why the loop is shaped as it is:
 
-* ``R_MAX = 16``: at 16 rows the loop still beat GEMM (LM head 16.9 vs 37.5 ms, gate/up
-  1.20 vs 2.05, down 0.77 vs 0.75 ms); past that GEMM's blocking wins as rows grow.
-* ``PAIR_MIN_ROWS = 4``: two weight rows at once were 15-30% faster at 4-16 rows (LM
-  head at 5 rows: 7.8 vs 10.8 ms) and 5-15% slower at 1-2 rows.
-* ``PREFETCH_AHEAD = 16``: without the hint, memory reads and arithmetic barely overlap at
-  4+ rows (LM head at 5 rows: 16.2 ms without, 10.8 with; one row: 7.0 vs 5.0). 16 and
-  32 rows ahead measured the same; into L1 instead of L2 was slower.
-* One row goes through the loop too: GEMV was 1.4-2.2x slower at every shape.
+* Four weight rows at once: one row was 10-30% slower at one row of x (gate/up 0.28 vs
+  0.26 ms, down 0.16 vs 0.12), and four rows against one row of x runs as fast as the
+  memory delivers the weights (about 27 GB/s here, what BLAS's GEMV reads too).
+* ``X_BLOCK = 5``: a block of 5 rows of x costs about what a block of 4 does (20
+  accumulators still fit in AVX-512's 32 registers), and k = 4 drafts make 5 rows. Every
+  extra pass over a group of weight rows, even from L1, costs 30-50 ns per row, so 5
+  rows in one block beat 4 + 1.
+* No software prefetch: the hardware prefetcher keeps up with four sequential streams;
+  ``llvm.prefetch`` 16 rows ahead made every shape 5-15% slower on this machine.
+* ``R_MAX = 32``: at 32 rows the loop still beat GEMM on every shape (gate/up 1.48 vs
+  2.64 ms, down 0.72 vs 0.90, LM head 23.2 vs 35.0), so a 32-stream decode step takes it
+  too. It kept ahead up to 256 rows on this machine (gate/up 7.8 vs 9.9 ms); on the Zen 4
+  machine of earlier measurements the loop it replaced lost to GEMM from about 16 rows,
+  so prefill-sized products stay with BLAS.
 
 Threads: the loop runs on the calling thread. A ``prange`` over output features on both
 cores was ~1.8x faster when the other core was idle, and up to 20x slower whenever
@@ -53,48 +60,19 @@ same failure that made ``nanoserve.threads`` give BLAS one thread by default.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 import kernels_ref
 from kernels_cpu.pointwise import FASTMATH
 
 #: Up to this many rows the compiled loop computes the product; above it, BLAS (see above).
-R_MAX = 16
+R_MAX = 32
 #: Above ``R_MAX`` and up to this many rows, BLAS computes ``(W @ x.T).T``: with the
 #: weight as the left operand OpenBLAS was 7-11% faster at 48-128 rows (a layer's four
 #: matmuls, 30 layers of distinct weights); at 512 rows the usual order was 25% faster.
 FEW_ROWS = 128
-#: Rows of the weight prefetched into L2 ahead of the one being multiplied (see above).
-PREFETCH_AHEAD = 16
-#: From this many rows on, float32 weights go two rows at a time (:func:`_pair_dots`; see above).
-PAIR_MIN_ROWS = 4
-
-
-@intrinsic
-def _prefetch_row(typingctx, matrix, row):  # [R, C] C-contiguous, int -> nothing
-    """Ask the CPU to start loading row ``row`` of ``matrix`` into L2 (``llvm.prefetch``, one per
-    64-byte line). Only a hint: it changes no value and never faults."""
-
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        columns = builder.extract_value(array.shape, 1)
-        itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
-        byte = ir.IntType(8).as_pointer()
-        start = builder.bitcast(builder.gep(array.data, [builder.mul(args[1], columns)]), byte)
-        i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]), "llvm.prefetch.p0i8"
-        )
-        size = builder.mul(columns, ir.Constant(columns.type, itemsize))
-        with cgutils.for_range_slice(builder, ir.Constant(columns.type, 0), size, ir.Constant(columns.type, 64)) as (offset, _):
-            # read, locality 2 (keep in L2, not L1: the rows being multiplied live there), data
-            builder.call(prefetch, [builder.gep(start, [offset]), i32(0), i32(2), i32(1)])
-        return context.get_dummy_value()
-
-    return types.void(matrix, row), codegen
+#: Rows of x that meet each group of four weight rows in one loop (:func:`_quad_dots_5`).
+X_BLOCK = 5
 
 
 @njit(fastmath=FASTMATH, inline="always")
@@ -132,51 +110,152 @@ def _row_dots(x, w, r, out, o):  # [T, in] f32, [R, in] f32 (row r read), [T, ou
 
 
 @njit(fastmath=FASTMATH, inline="always")
-def _pair_dots(x, w, r, out):  # [T, in] f32, [R, in] f32 (rows r, r+1 read), [T, out] f32 (columns r, r+1 written)
-    """``_row_dots`` for two weight rows at once: each load of ``x[t, i]`` serves two products."""
-    rows, n = x.shape
+def _quad_dots_1(x, w, r, t, out, o):  # [T, in] f32, [R, in] f32 (rows r..r+3 read), row t, [T, out] f32, column o
+    """``out[t, o:o+4] = w[r:r+4] . x[t]``: four weight rows in one loop over ``in``."""
+    a0 = b0 = c0 = d0 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        x0 = x[t, i]
+        a0 += w[r, i] * x0
+        b0 += w[r + 1, i] * x0
+        c0 += w[r + 2, i] * x0
+        d0 += w[r + 3, i] * x0
+    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, b0, c0, d0
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def _quad_dots_2(x, w, r, t, out, o):  # as _quad_dots_1, rows t, t+1 of x
+    a0 = b0 = c0 = d0 = a1 = b1 = c1 = d1 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        u0, u1, u2, u3 = w[r, i], w[r + 1, i], w[r + 2, i], w[r + 3, i]
+        x0, x1 = x[t, i], x[t + 1, i]
+        a0 += u0 * x0
+        b0 += u1 * x0
+        c0 += u2 * x0
+        d0 += u3 * x0
+        a1 += u0 * x1
+        b1 += u1 * x1
+        c1 += u2 * x1
+        d1 += u3 * x1
+    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, b0, c0, d0
+    out[t + 1, o], out[t + 1, o + 1], out[t + 1, o + 2], out[t + 1, o + 3] = a1, b1, c1, d1
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def _quad_dots_3(x, w, r, t, out, o):  # as _quad_dots_1, rows t..t+2 of x
+    a0 = b0 = c0 = d0 = a1 = b1 = c1 = d1 = a2 = b2 = c2 = d2 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        u0, u1, u2, u3 = w[r, i], w[r + 1, i], w[r + 2, i], w[r + 3, i]
+        x0, x1, x2 = x[t, i], x[t + 1, i], x[t + 2, i]
+        a0 += u0 * x0
+        b0 += u1 * x0
+        c0 += u2 * x0
+        d0 += u3 * x0
+        a1 += u0 * x1
+        b1 += u1 * x1
+        c1 += u2 * x1
+        d1 += u3 * x1
+        a2 += u0 * x2
+        b2 += u1 * x2
+        c2 += u2 * x2
+        d2 += u3 * x2
+    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, b0, c0, d0
+    out[t + 1, o], out[t + 1, o + 1], out[t + 1, o + 2], out[t + 1, o + 3] = a1, b1, c1, d1
+    out[t + 2, o], out[t + 2, o + 1], out[t + 2, o + 2], out[t + 2, o + 3] = a2, b2, c2, d2
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def _quad_dots_4(x, w, r, t, out, o):  # as _quad_dots_1, rows t..t+3 of x
+    a0 = b0 = c0 = d0 = a1 = b1 = c1 = d1 = a2 = b2 = c2 = d2 = a3 = b3 = c3 = d3 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        u0, u1, u2, u3 = w[r, i], w[r + 1, i], w[r + 2, i], w[r + 3, i]
+        x0, x1, x2, x3 = x[t, i], x[t + 1, i], x[t + 2, i], x[t + 3, i]
+        a0 += u0 * x0
+        b0 += u1 * x0
+        c0 += u2 * x0
+        d0 += u3 * x0
+        a1 += u0 * x1
+        b1 += u1 * x1
+        c1 += u2 * x1
+        d1 += u3 * x1
+        a2 += u0 * x2
+        b2 += u1 * x2
+        c2 += u2 * x2
+        d2 += u3 * x2
+        a3 += u0 * x3
+        b3 += u1 * x3
+        c3 += u2 * x3
+        d3 += u3 * x3
+    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, b0, c0, d0
+    out[t + 1, o], out[t + 1, o + 1], out[t + 1, o + 2], out[t + 1, o + 3] = a1, b1, c1, d1
+    out[t + 2, o], out[t + 2, o + 1], out[t + 2, o + 2], out[t + 2, o + 3] = a2, b2, c2, d2
+    out[t + 3, o], out[t + 3, o + 1], out[t + 3, o + 2], out[t + 3, o + 3] = a3, b3, c3, d3
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def _quad_dots_5(x, w, r, t, out, o):  # as _quad_dots_1, rows t..t+4 of x
+    a0 = b0 = c0 = d0 = a1 = b1 = c1 = d1 = a2 = b2 = c2 = d2 = np.float32(0.0)
+    a3 = b3 = c3 = d3 = a4 = b4 = c4 = d4 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        u0, u1, u2, u3 = w[r, i], w[r + 1, i], w[r + 2, i], w[r + 3, i]
+        x0, x1, x2, x3, x4 = x[t, i], x[t + 1, i], x[t + 2, i], x[t + 3, i], x[t + 4, i]
+        a0 += u0 * x0
+        b0 += u1 * x0
+        c0 += u2 * x0
+        d0 += u3 * x0
+        a1 += u0 * x1
+        b1 += u1 * x1
+        c1 += u2 * x1
+        d1 += u3 * x1
+        a2 += u0 * x2
+        b2 += u1 * x2
+        c2 += u2 * x2
+        d2 += u3 * x2
+        a3 += u0 * x3
+        b3 += u1 * x3
+        c3 += u2 * x3
+        d3 += u3 * x3
+        a4 += u0 * x4
+        b4 += u1 * x4
+        c4 += u2 * x4
+        d4 += u3 * x4
+    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = a0, b0, c0, d0
+    out[t + 1, o], out[t + 1, o + 1], out[t + 1, o + 2], out[t + 1, o + 3] = a1, b1, c1, d1
+    out[t + 2, o], out[t + 2, o + 1], out[t + 2, o + 2], out[t + 2, o + 3] = a2, b2, c2, d2
+    out[t + 3, o], out[t + 3, o + 1], out[t + 3, o + 2], out[t + 3, o + 3] = a3, b3, c3, d3
+    out[t + 4, o], out[t + 4, o + 1], out[t + 4, o + 2], out[t + 4, o + 3] = a4, b4, c4, d4
+
+
+@njit(fastmath=FASTMATH, inline="always")
+def _quad_dots_all(x, w, r, out, o):  # [T, in] f32, [R, in] f32 (rows r..r+3 read), [T, out] f32 (columns o..o+3 written)
+    """``out[:, o:o+4] = x @ w[r:r+4].T``: the rows of x in blocks of up to ``X_BLOCK``."""
+    rows = x.shape[0]
     t = 0
-    while t + 4 <= rows:
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-        for i in range(n):
-            u, v = w[r, i], w[r + 1, i]
-            x0, x1, x2, x3 = x[t, i], x[t + 1, i], x[t + 2, i], x[t + 3, i]
-            a0 += u * x0
-            a1 += u * x1
-            a2 += u * x2
-            a3 += u * x3
-            b0 += v * x0
-            b1 += v * x1
-            b2 += v * x2
-            b3 += v * x3
-        out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
-        out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = b0, b1, b2, b3
-        t += 4
     while t < rows:
-        a0 = b0 = np.float32(0.0)
-        for i in range(n):
-            a0 += w[r, i] * x[t, i]
-            b0 += w[r + 1, i] * x[t, i]
-        out[t, r], out[t, r + 1] = a0, b0
-        t += 1
+        block = min(rows - t, X_BLOCK)
+        if block == 1:
+            _quad_dots_1(x, w, r, t, out, o)
+        elif block == 2:
+            _quad_dots_2(x, w, r, t, out, o)
+        elif block == 3:
+            _quad_dots_3(x, w, r, t, out, o)
+        elif block == 4:
+            _quad_dots_4(x, w, r, t, out, o)
+        else:
+            _quad_dots_5(x, w, r, t, out, o)
+        t += block
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f32(x, w, out, ahead, pairs):  # [T, in] f32, [out, in] f32, [T, out] f32 (written), int, bool
-    """The hot loop: one pass over the weight, ``ahead`` rows prefetched in front of it (0: none),
-    one weight row at a time, or two (``pairs``) with the last odd row on its own."""
+def _linear_rows_f32(x, w, out):  # [T, in] f32, [out, in] f32, [T, out] f32 (written)
+    """The hot loop: one pass over the weight, four rows at a time. Each group of four weight
+    rows meets the rows of x in blocks of up to ``X_BLOCK`` (:func:`_quad_dots_all`); the
+    last ``out % 4`` weight rows go one at a time (:func:`_row_dots`)."""
     n_out = w.shape[0]
     o = 0
-    if pairs:
-        while o + 2 <= n_out:
-            if o + ahead + 1 < n_out:
-                _prefetch_row(w, o + ahead)
-                _prefetch_row(w, o + ahead + 1)
-            _pair_dots(x, w, o, out)
-            o += 2
+    while o + 4 <= n_out:
+        _quad_dots_all(x, w, o, out, o)
+        o += 4
     while o < n_out:
-        if ahead > 0 and o + ahead < n_out:
-            _prefetch_row(w, o + ahead)
         _row_dots(x, w, o, out, o)
         o += 1
 
@@ -201,14 +280,22 @@ def _widen_half_row(half, row):  # [in] uint16 (float16 bits) -> [in] f32 (writt
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f16(x, w_bits, out, ahead):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (written), int
+def _linear_rows_f16(x, w_bits, out):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (written)
+    """:func:`_linear_rows_f32` on float16 weights: each group of four rows is widened into a
+    float32 scratch (in L1), then meets the rows of x as float32 weights do."""
     n_out = w_bits.shape[0]
-    row = np.empty((1, w_bits.shape[1]), dtype=np.float32)  # one widened weight row, reused
-    for o in range(n_out):
-        if ahead > 0 and o + ahead < n_out:
-            _prefetch_row(w_bits, o + ahead)
-        _widen_half_row(w_bits[o], row[0])
-        _row_dots(x, row, 0, out, o)
+    quad = np.empty((4, w_bits.shape[1]), dtype=np.float32)  # four widened weight rows, reused
+    o = 0
+    while o < n_out:
+        if o + 4 <= n_out:
+            for j in range(4):
+                _widen_half_row(w_bits[o + j], quad[j])
+            _quad_dots_all(x, quad, 0, out, o)
+            o += 4
+        else:
+            _widen_half_row(w_bits[o], quad[0])
+            _row_dots(x, quad, 0, out, o)
+            o += 1
 
 
 def linear_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, in] f32, [out, in] f32|f16 -> [T, out] f32
@@ -221,9 +308,9 @@ def linear_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, in] f32, [ou
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
     if w.dtype == np.float16:
-        _linear_rows_f16(x, w.view(np.uint16), out, PREFETCH_AHEAD)
+        _linear_rows_f16(x, w.view(np.uint16), out)
     else:
-        _linear_rows_f32(x, w, out, PREFETCH_AHEAD, x.shape[0] >= PAIR_MIN_ROWS)
+        _linear_rows_f32(x, w, out)
     return out
 
 

@@ -1,7 +1,8 @@
 """The cpu backend's few-row ``linear``: every path it can take equals the reference.
 
-``kernels_cpu.linear`` chooses among a compiled loop (one weight row at a time, or two
-from ``PAIR_MIN_ROWS`` rows on), its float16 variant, and BLAS (above ``R_MAX`` rows,
+``kernels_cpu.linear`` chooses among a compiled loop (four weight rows at a time against
+blocks of up to ``X_BLOCK`` rows of x, the last ``out % 4`` weight rows one at a time), its
+float16 variant, and BLAS (above ``R_MAX`` rows,
 or for inputs the loop does not take). Each is held here to the contract's ``linear``
 tolerance (``tolerances.DOT``: error against ``|x| @ |W|.T``), at the thresholds' edges
 and at SmolLM2's shapes, which the property suite keeps smaller.
@@ -34,12 +35,12 @@ def _case(rows: int, out_features: int, in_features: int, seed: int = 0) -> tupl
     return x, (rng.standard_normal((out_features, in_features)) * 0.05).astype(np.float32)
 
 
-EDGES = sorted({0, 1, 2, 3, 4, cpu_linear.PAIR_MIN_ROWS - 1, cpu_linear.PAIR_MIN_ROWS, 8, 9,
-                cpu_linear.R_MAX, cpu_linear.R_MAX + 1})  # fmt: skip
+EDGES = sorted({0, 1, 2, 3, 4, cpu_linear.X_BLOCK - 1, cpu_linear.X_BLOCK, cpu_linear.X_BLOCK + 1,
+                2 * cpu_linear.X_BLOCK, 2 * cpu_linear.X_BLOCK + 1, 8, 9, cpu_linear.R_MAX, cpu_linear.R_MAX + 1})  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", EDGES)
-@pytest.mark.parametrize("out_features", [1, 7, 33])  # odd: the last weight row outside a pair
+@pytest.mark.parametrize("out_features", [1, 4, 7, 33])  # 1, 7, 33: weight rows left over after the groups of 4
 def test_linear_matches_reference_at_every_row_count_threshold(rows: int, out_features: int):
     x, w = _case(rows, out_features, 70, seed=rows)
     _assert_within_dot_tolerance(cpu_linear.linear(x, w), x, w)
