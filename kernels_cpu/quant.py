@@ -4,22 +4,48 @@ The reference (``kernels_ref.linear``) defines each quantized linear as "dequant
 whole matrix to float32, then BLAS". That writes and re-reads 4 bytes per weight on
 every call, so a decode step cost more than the float32 model it was meant to beat. Here
 each kernel reads the format's bytes (layouts: ``kernels_ref.quant``) and widens them to
-float32 in registers, as it multiplies:
+float32 where they are used, by one of three paths chosen by the number of rows T:
 
-    decode shapes, T <= R_MAX rows: one pass over the bytes, nothing materialised
-        for o in range(out):                      the hot loop
-            for t in range(T):                    the row's bytes stay in L1 after t = 0
-                y[t, o] = dot(x[t], W[o])         16 float32 lanes, block by block:
-                    for b in blocks of W[o]:      d_b = F16_TABLE[the block's f16 bits]
-                        lane[j] += d_b * (q[j] * x[j] + q[j+16] * x[j+16])   j = 0..15
-                    y = sum(lanes)
-    prefill shapes, T > R_MAX rows: ``TILE_ROWS`` output rows dequantized into a float32
-        tile that stays in L2, multiplied by BLAS, the next tile into the same buffer
+    one row (a single-stream decode step): the lanes kernels, nothing materialised
+        for o in range(out):
+            y[0, o] = dot(x[0], W[o])             16 float32 lanes, block by block:
+                for b in blocks of W[o]:          d_b = F16_TABLE[the block's f16 bits]
+                    lane[j] += d_b * (q[j] * x[j] + q[j+16] * x[j+16])   j = 0..15
+                y = sum(lanes)
+    2 .. R_MAX_QUAD rows (batched decode, a speculative verification): the quad kernels
+        for o in range(0, out, 4):
+            w4 = widen(W[o:o+4])                  [4, in] float32 in L1, exactly the
+                                                  reference's weights (``_block_*``)
+            y[:, o:o+4] = x @ w4.T                kernels_cpu.linear's loop: each widened
+                                                  row serves every row of x
+    more rows (prefill): ``TILE_ROWS`` output rows widened into a float32 tile that stays
+        in L2, multiplied by BLAS, the next tile into the same buffer
 
-int8 (one scale per row) needs no blocks: its row is widened into a float32 scratch row
-in L1 by one flat loop, and ``_row_dots`` takes the dot products of all T rows with it.
+int8 (one scale per row) takes the same three paths, its one-row kernel a flat loop over
+each row. int4 keeps a lanes kernel up to ``R_MAX`` rows (its tiles above).
 
-Vectorising. The 16 accumulators ``a0 .. a15`` written out in each ``_dot_*`` are the 16
+Why three: the lanes kernel widens a row's bytes once per row of x, so its cost grows
+with T (Q4_1 [3072, 576]: 0.24 ms at T = 1, 0.64 at 5, 2.0 at 16); the quad kernel widens
+each byte once per call, and its dot products cost what float32 weights cost from L1 (0.29
+ms at T = 1, 0.34 at 5, 0.62 at 16); above 32 rows, BLAS. Measured (AMD EPYC Zen 5, 2
+cores, load average 0.2, thread CPU time per call, median of 7, 30 distinct matrices per
+shape so that their bytes stream from memory as in the model), ms:
+
+    fmt   [out, in]        T=1 lanes/quad   T=2 lanes/quad   T=5 lanes/quad/tiles  T=32 quad/tiles
+    q4_1  [3072, 576]        0.24 / 0.29      0.33 / 0.26      0.64 / 0.34 / 0.86    0.89 / 1.55
+    q4_1  [576, 1536]        0.08 / 0.11      0.11 / 0.13      0.38 / 0.18 / 0.45    0.53 / 0.82
+    q4_1  [49152, 576]       2.66 / 3.55      4.16 / 3.81      9.23 / 4.90 / 12.6    16.6 / 25.2
+    q8_0  [3072, 576]        0.22 / 0.33      0.29 / 0.28      0.64 / 0.40 / 0.84    1.17 / 1.64
+    q8_0  [49152, 576]       2.13 / 4.95      6.49 / 6.75      9.28 / 6.39 / 13.7    18.9 / 27.3
+    q4_0  [3072, 576]        0.17 / 0.21      0.25 / 0.21      0.57 / 0.31 / 0.85    1.00 / 1.70
+
+The widening itself (``_block_q4_1`` and its siblings) runs at about 22 G weights/s on one
+core: each block's 16 bytes are read into locals before its 32 floats are stored, written
+out line by line, so that LLVM's SLP vectorizer packs them (a loop over the block, or
+loads interleaved with the stores, stayed scalar, 7x slower: Numba cannot tell LLVM that
+the bytes and the floats do not overlap).
+
+Vectorising the lanes kernels. The 16 accumulators ``a0 .. a15`` written out in each ``_dot_*`` are the 16
 float32 lanes of one AVX-512 register (two AVX2 ones): LLVM's SLP vectorizer packs each
 line's loads, conversions and products into one vector instruction per lane group, and
 the horizontal sum happens once per output row, not once per 32-weight block. Two things
@@ -43,26 +69,14 @@ which bounds the error by the same ``|x| @ |W|.T`` as the reference's order; Q4_
 each weight exactly as the reference does (``d * q + m``, then the product), because its
 minimum ``m`` can cancel ``d * q`` (written as ``d * sum(q * x) + m * sum(x)``, with the
 block sums of x computed once per call, it also ran 3.5x slower: the extra accumulator
-kept the SLP vectorizer off the block). All accumulate in float32; results differ from
-the reference only by summation order, within ``check_kernels.tolerances.DOT``.
+kept the SLP vectorizer off the block). The quad kernels and the tiles widen exactly the
+reference's float32 weights, then multiply. All accumulate in float32; results differ
+from the reference only by summation order, within ``check_kernels.tolerances.DOT``.
 
-Measured (``python bench/quant.py --kernels``: SmolLM2's gate/up [3072, 576], ms of thread
-CPU time, median of 15; AMD EPYC Zen 4, 2 cores, AVX-512; OpenBLAS on 1 thread as
-``nanoserve.threads`` sets it; load average 1.3, matrices in cache, so float32 is not yet
-bound by memory here as it is in the model):
-
-    rows T     1      2      4      8     16     32     33     64    128    256
-    fp32     0.22   0.28   0.22   0.45   0.90   1.86   2.19   3.80   6.69  11.86
-    int8     0.09   0.34   0.47   0.78   1.40   3.13   2.25   3.30   6.14  11.96
-    q8_0     0.24   0.48   1.02   2.12   4.06   8.24   3.03   4.07   7.25  13.32
-    q4_1     0.32   0.64   1.23   2.51   5.06   9.73   3.41   4.56   7.70  13.62
-
-(that run had ``R_MAX = 32``; T = 33 is the tiled path). Hence ``R_MAX`` and ``R_MAX_INT8``
-below. In the model, a single-stream decode step spends most of its time in these
-kernels (``python bench/quant.py --profile gguf``): the float-activation lanes kernel
-widens about 4-6 G weights/s on one core, about what float32 reads from memory, so it
-saves memory (4 -> 0.6-1.06 bytes per weight) more than time. Int8 activations with
-integer dot products (VNNI) are the next step for speed.
+In the model, a single-stream decode step spends most of its time in the lanes kernels
+(``python bench/quant.py --profile gguf``): they widen about 11 G weights/s on one core,
+bound by the arithmetic of widening, not by memory, so a Q4_1 model's step is about 1.7x
+faster than float32's, not the 6x its bytes would allow.
 
 Threads: every kernel here runs on the calling thread (no ``prange``). A ``prange`` over
 output rows of the Q4_1 kernel, 2 threads, took 8.0 ms where the one-thread kernel took
@@ -82,17 +96,19 @@ import numba
 import numpy as np
 from numba import njit
 
+from kernels_cpu.linear import R_MAX as R_MAX_LINEAR
+from kernels_cpu.linear import _quad_dots_all
 from kernels_cpu.pointwise import FASTMATH
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
-#: Up to this many rows the block formats (Q8_0, Q4_0, Q4_1, int4) take the fused lanes
-#: kernel; above it, float32 tiles into BLAS. The lanes kernel re-widens a row's bytes for
-#: every input row, so its cost grows with T: on [3072, 576] Q8_0 it took 0.24 / 1.0 /
-#: 2.1 / 4.1 ms at T = 1 / 4 / 8 / 16, the tiled path about 2.7-3.0 ms at any T up to 33.
+#: Up to this many rows int4 takes its fused lanes kernel; above it, float32 tiles into
+#: BLAS. The lanes kernel re-widens a row's bytes for every input row, so its cost grows
+#: with T: on [3072, 576] Q8_0 it took 0.24 / 1.0 / 2.1 / 4.1 ms at T = 1 / 4 / 8 / 16.
 R_MAX = 8
-#: The same for int8, whose rows are widened once into a scratch row shared by all T
-#: input rows: 1.4 ms at T = 16 and 3.1 at T = 32 against the tiled path's 2.3 ms at 33.
-R_MAX_INT8 = 16
+#: From 2 rows up to this many, int8 and the GGUF block formats take the quad kernels (four
+#: weight rows widened into L1, then ``kernels_cpu.linear``'s loop), as float32 weights
+#: take that loop up to ``kernels_cpu.linear.R_MAX`` rows; above it, float32 tiles into BLAS.
+R_MAX_QUAD = R_MAX_LINEAR
 #: Output rows dequantized per BLAS tile on the prefill path (576-wide rows: 576 KiB, in L2).
 TILE_ROWS = 256
 #: The int4 group size with a vectorised kernel (``nanoserve.quant`` quantizes with it);
@@ -126,6 +142,60 @@ def _run(kernel: Callable[..., Any], *args: Any) -> Any:
 @njit(cache=True)
 def _f16(table, lo, hi):  # f32 [65536], two uint8 -> f32 (LLVM inlines it into its callers)
     return table[np.int64(lo) | (np.int64(hi) << 8)]
+
+
+# --- one block of 32 weights widened to float32, exactly the reference's values ------------------
+
+
+@njit(cache=True)
+def _block_q8_0(qb, qs, table, db):  # uint8 + int8 [34], [65536], f32 [32] (written)
+    """One Q8_0 block | d | qs[32] (int8) | as 32 float32 weights ``d * q``."""
+    d = _f16(table, qb[0], qb[1])
+    v0, v1, v2, v3, v4, v5, v6, v7 = qs[2], qs[3], qs[4], qs[5], qs[6], qs[7], qs[8], qs[9]
+    v8, v9, v10, v11, v12, v13, v14, v15 = qs[10], qs[11], qs[12], qs[13], qs[14], qs[15], qs[16], qs[17]
+    v16, v17, v18, v19, v20, v21, v22, v23 = qs[18], qs[19], qs[20], qs[21], qs[22], qs[23], qs[24], qs[25]
+    v24, v25, v26, v27, v28, v29, v30, v31 = qs[26], qs[27], qs[28], qs[29], qs[30], qs[31], qs[32], qs[33]
+    db[0], db[1], db[2], db[3] = d * f32(v0), d * f32(v1), d * f32(v2), d * f32(v3)
+    db[4], db[5], db[6], db[7] = d * f32(v4), d * f32(v5), d * f32(v6), d * f32(v7)
+    db[8], db[9], db[10], db[11] = d * f32(v8), d * f32(v9), d * f32(v10), d * f32(v11)
+    db[12], db[13], db[14], db[15] = d * f32(v12), d * f32(v13), d * f32(v14), d * f32(v15)
+    db[16], db[17], db[18], db[19] = d * f32(v16), d * f32(v17), d * f32(v18), d * f32(v19)
+    db[20], db[21], db[22], db[23] = d * f32(v20), d * f32(v21), d * f32(v22), d * f32(v23)
+    db[24], db[25], db[26], db[27] = d * f32(v24), d * f32(v25), d * f32(v26), d * f32(v27)
+    db[28], db[29], db[30], db[31] = d * f32(v28), d * f32(v29), d * f32(v30), d * f32(v31)
+
+
+@njit(cache=True)
+def _block_q4_0(qb, table, db):  # uint8 [block bytes], [65536], f32 [32] (written)
+    """One Q4_0 block | d | qs[16] | as 32 float32 weights ``d * (nibble - 8)``."""
+    d = _f16(table, qb[0], qb[1])
+    v0, v1, v2, v3, v4, v5, v6, v7 = qb[2], qb[3], qb[4], qb[5], qb[6], qb[7], qb[8], qb[9]
+    v8, v9, v10, v11, v12, v13, v14, v15 = qb[10], qb[11], qb[12], qb[13], qb[14], qb[15], qb[16], qb[17]
+    db[0], db[1], db[2], db[3] = d * f32((v0 & 0xF) - 8), d * f32((v1 & 0xF) - 8), d * f32((v2 & 0xF) - 8), d * f32((v3 & 0xF) - 8)
+    db[4], db[5], db[6], db[7] = d * f32((v4 & 0xF) - 8), d * f32((v5 & 0xF) - 8), d * f32((v6 & 0xF) - 8), d * f32((v7 & 0xF) - 8)
+    db[8], db[9], db[10], db[11] = d * f32((v8 & 0xF) - 8), d * f32((v9 & 0xF) - 8), d * f32((v10 & 0xF) - 8), d * f32((v11 & 0xF) - 8)
+    db[12], db[13], db[14], db[15] = d * f32((v12 & 0xF) - 8), d * f32((v13 & 0xF) - 8), d * f32((v14 & 0xF) - 8), d * f32((v15 & 0xF) - 8)
+    db[16], db[17], db[18], db[19] = d * f32((v0 >> 4) - 8), d * f32((v1 >> 4) - 8), d * f32((v2 >> 4) - 8), d * f32((v3 >> 4) - 8)
+    db[20], db[21], db[22], db[23] = d * f32((v4 >> 4) - 8), d * f32((v5 >> 4) - 8), d * f32((v6 >> 4) - 8), d * f32((v7 >> 4) - 8)
+    db[24], db[25], db[26], db[27] = d * f32((v8 >> 4) - 8), d * f32((v9 >> 4) - 8), d * f32((v10 >> 4) - 8), d * f32((v11 >> 4) - 8)
+    db[28], db[29], db[30], db[31] = d * f32((v12 >> 4) - 8), d * f32((v13 >> 4) - 8), d * f32((v14 >> 4) - 8), d * f32((v15 >> 4) - 8)
+
+
+@njit(cache=True)
+def _block_q4_1(qb, table, db):  # uint8 [block bytes], [65536], f32 [32] (written)
+    """One Q4_1 block | d | m | qs[16] | as 32 float32 weights ``d * nibble + m`` (low nibbles first)."""
+    d = _f16(table, qb[0], qb[1])
+    m = _f16(table, qb[2], qb[3])
+    v0, v1, v2, v3, v4, v5, v6, v7 = qb[4], qb[5], qb[6], qb[7], qb[8], qb[9], qb[10], qb[11]
+    v8, v9, v10, v11, v12, v13, v14, v15 = qb[12], qb[13], qb[14], qb[15], qb[16], qb[17], qb[18], qb[19]
+    db[0], db[1], db[2], db[3] = d * f32(v0 & 0xF) + m, d * f32(v1 & 0xF) + m, d * f32(v2 & 0xF) + m, d * f32(v3 & 0xF) + m
+    db[4], db[5], db[6], db[7] = d * f32(v4 & 0xF) + m, d * f32(v5 & 0xF) + m, d * f32(v6 & 0xF) + m, d * f32(v7 & 0xF) + m
+    db[8], db[9], db[10], db[11] = d * f32(v8 & 0xF) + m, d * f32(v9 & 0xF) + m, d * f32(v10 & 0xF) + m, d * f32(v11 & 0xF) + m
+    db[12], db[13], db[14], db[15] = d * f32(v12 & 0xF) + m, d * f32(v13 & 0xF) + m, d * f32(v14 & 0xF) + m, d * f32(v15 & 0xF) + m
+    db[16], db[17], db[18], db[19] = d * f32(v0 >> 4) + m, d * f32(v1 >> 4) + m, d * f32(v2 >> 4) + m, d * f32(v3 >> 4) + m
+    db[20], db[21], db[22], db[23] = d * f32(v4 >> 4) + m, d * f32(v5 >> 4) + m, d * f32(v6 >> 4) + m, d * f32(v7 >> 4) + m
+    db[24], db[25], db[26], db[27] = d * f32(v8 >> 4) + m, d * f32(v9 >> 4) + m, d * f32(v10 >> 4) + m, d * f32(v11 >> 4) + m
+    db[28], db[29], db[30], db[31] = d * f32(v12 >> 4) + m, d * f32(v13 >> 4) + m, d * f32(v14 >> 4) + m, d * f32(v15 >> 4) + m
 
 
 # --- decode shapes: 16 lanes per output row, one block of 32 weights at a time -------------------
@@ -320,22 +390,15 @@ def _row_dots(x, w_row, scale, out, o):  # [T, in] f32, [in] f32, f32, [T, out] 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _rows_int8(x, qweight, scale, out):  # [T, in] f32, int8 [out, in], f32 [out], [T, out] f32 (written)
-    if x.shape[0] == 1:  # one row: widen each weight as it is multiplied (no scratch row)
-        x0 = x[0]
-        for o in range(qweight.shape[0]):
-            q = qweight[o]
-            acc = f32(0.0)
-            for i in range(x0.shape[0]):
-                acc += f32(q[i]) * x0[i]
-            out[0, o] = acc * scale[o]
-        return
-    row = np.empty(x.shape[1], dtype=np.float32)  # one widened weight row, reused (L1)
+def _rows_int8(x, qweight, scale, out):  # [1, in] f32, int8 [out, in], f32 [out], [1, out] f32 (written)
+    """One row of x: each weight widened as it is multiplied (no scratch row)."""
+    x0 = x[0]
     for o in range(qweight.shape[0]):
         q = qweight[o]
-        for i in range(row.shape[0]):
-            row[i] = f32(q[i])
-        _row_dots(x, row, scale[o], out, o)
+        acc = f32(0.0)
+        for i in range(x0.shape[0]):
+            acc += f32(q[i]) * x0[i]
+        out[0, o] = acc * scale[o]
 
 
 @njit(cache=True)
@@ -365,43 +428,97 @@ def _rows_int4_any_group(x, qweight, scales, out):  # [T, in], uint8 [out, in/2]
         _row_dots(x, row, f32(1.0), out, o)
 
 
+# --- decode shapes, four output rows at a time: widened into L1, then kernels_cpu.linear's loop ----
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _quad_rows_q8_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*34], [65536], [T, out] f32 (written)
+    quad = np.empty((4, x.shape[1]), dtype=np.float32)  # four widened weight rows, reused (L1)
+    one = np.empty((1, x.shape[1]), dtype=np.float32)
+    o = 0
+    while o + 4 <= raw.shape[0]:
+        _tile_q8_0(raw, table, o, quad)
+        _quad_dots_all(x, quad, 0, out, o)
+        o += 4
+    for o in range(o, raw.shape[0]):
+        _tile_q8_0(raw, table, o, one)
+        _row_dots(x, one[0], f32(1.0), out, o)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _quad_rows_int8(x, qweight, scale, out):  # [T, in] f32, int8 [out, in], f32 [out], [T, out] f32 (written)
+    quad = np.empty((4, x.shape[1]), dtype=np.float32)
+    one = np.empty((1, x.shape[1]), dtype=np.float32)
+    o = 0
+    while o + 4 <= qweight.shape[0]:
+        _tile_int8(qweight, scale, o, quad)
+        _quad_dots_all(x, quad, 0, out, o)
+        o += 4
+    for o in range(o, qweight.shape[0]):
+        _tile_int8(qweight, scale, o, one)
+        _row_dots(x, one[0], f32(1.0), out, o)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _quad_rows_q4_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*18], [65536], [T, out] f32 (written)
+    quad = np.empty((4, x.shape[1]), dtype=np.float32)
+    one = np.empty((1, x.shape[1]), dtype=np.float32)
+    o = 0
+    while o + 4 <= raw.shape[0]:
+        _tile_q4_0(raw, table, o, quad)
+        _quad_dots_all(x, quad, 0, out, o)
+        o += 4
+    for o in range(o, raw.shape[0]):
+        _tile_q4_0(raw, table, o, one)
+        _row_dots(x, one[0], f32(1.0), out, o)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _quad_rows_q4_1(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*20], [65536], [T, out] f32 (written)
+    quad = np.empty((4, x.shape[1]), dtype=np.float32)
+    one = np.empty((1, x.shape[1]), dtype=np.float32)
+    o = 0
+    while o + 4 <= raw.shape[0]:
+        _tile_q4_1(raw, table, o, quad)
+        _quad_dots_all(x, quad, 0, out, o)
+        o += 4
+    for o in range(o, raw.shape[0]):
+        _tile_q4_1(raw, table, o, one)
+        _row_dots(x, one[0], f32(1.0), out, o)
+
+
 # --- prefill shapes: a tile of output rows at a time, exactly the reference's weights, into BLAS --
 
 
 @njit(cache=True)
-def _tile_q8_0(raw, table, o0, tile):  # uint8 [out, in/32*34], [65536], int, f32 [rows, in] (written)
-    q = raw.view(np.int8)
+def _tile_q8_0(raw, table, o0, tile):  # uint8 [out, in/32*34], [65536], int, f32 [rows, in] C-contiguous (written)
+    nb = tile.shape[1] // QK
+    r3 = raw.reshape(raw.shape[0], nb, Q8_0_BLOCK_BYTES)
+    q3 = raw.view(np.int8).reshape(raw.shape[0], nb, Q8_0_BLOCK_BYTES)
+    t3 = tile.reshape(tile.shape[0], nb, QK)
     for r in range(tile.shape[0]):
-        for b in range(tile.shape[1] // QK):
-            base = b * Q8_0_BLOCK_BYTES
-            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
-            for j in range(QK):
-                tile[r, b * QK + j] = d * f32(q[o0 + r, base + 2 + j])
+        for b in range(nb):
+            _block_q8_0(r3[o0 + r, b], q3[o0 + r, b], table, t3[r, b])
 
 
 @njit(cache=True)
-def _tile_q4_0(raw, table, o0, tile):  # uint8 [out, in/32*18], [65536], int, f32 [rows, in] (written)
+def _tile_q4_0(raw, table, o0, tile):  # uint8 [out, in/32*18], [65536], int, f32 [rows, in] C-contiguous (written)
+    nb = tile.shape[1] // QK
+    r3 = raw.reshape(raw.shape[0], nb, Q4_0_BLOCK_BYTES)
+    t3 = tile.reshape(tile.shape[0], nb, QK)
     for r in range(tile.shape[0]):
-        for b in range(tile.shape[1] // QK):
-            base = b * Q4_0_BLOCK_BYTES
-            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
-            for j in range(QK // 2):
-                byte = np.int32(raw[o0 + r, base + 2 + j])
-                tile[r, b * QK + j] = d * f32((byte & 0xF) - 8)
-                tile[r, b * QK + QK // 2 + j] = d * f32((byte >> 4) - 8)
+        for b in range(nb):
+            _block_q4_0(r3[o0 + r, b], table, t3[r, b])
 
 
 @njit(cache=True)
-def _tile_q4_1(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] (written)
+def _tile_q4_1(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] C-contiguous (written)
+    nb = tile.shape[1] // QK
+    r3 = raw.reshape(raw.shape[0], nb, Q4_1_BLOCK_BYTES)
+    t3 = tile.reshape(tile.shape[0], nb, QK)
     for r in range(tile.shape[0]):
-        for b in range(tile.shape[1] // QK):
-            base = b * Q4_1_BLOCK_BYTES
-            d = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
-            m = _f16(table, raw[o0 + r, base + 2], raw[o0 + r, base + 3])
-            for j in range(QK // 2):
-                byte = np.int32(raw[o0 + r, base + 4 + j])
-                tile[r, b * QK + j] = d * f32(byte & 0xF) + m
-                tile[r, b * QK + QK // 2 + j] = d * f32(byte >> 4) + m
+        for b in range(nb):
+            _block_q4_1(r3[o0 + r, b], table, t3[r, b])
 
 
 @njit(cache=True)
@@ -443,34 +560,35 @@ def _x32(x: np.ndarray) -> np.ndarray:  # [T, in] any float -> C-contiguous floa
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, rows_kernel: Callable[..., None],
-                 tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
+def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel: Callable[..., None],
+                 quad_kernel: Callable[..., None], tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
+    """One row: the lanes kernel; up to ``R_MAX_QUAD`` rows: the quad kernel; more: BLAS tiles."""
     x = _x32(x)
     if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % block_bytes:
         raise ValueError(f"{name}: expected uint8 [out, n*{block_bytes}] raw blocks, got {raw.dtype} {raw.shape}")
     if raw.shape[1] // block_bytes * QK != x.shape[1]:
         raise ValueError(f"{name}: x has {x.shape[1]} features, the blocks hold {raw.shape[1] // block_bytes * QK}")
     raw = np.ascontiguousarray(raw)
-    if x.shape[0] > R_MAX:
+    if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, raw.shape[0], tile_kernel, raw, F16_TABLE)
     out = np.empty((x.shape[0], raw.shape[0]), dtype=np.float32)
-    _run(rows_kernel, x, raw, F16_TABLE, out)
+    _run(lanes_kernel if x.shape[0] == 1 else quad_kernel, x, raw, F16_TABLE, out)
     return out
 
 
 def linear_q8_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*34] -> [T, out]
     """``x @ dequantize_q8_0(raw).T``, reading the Q8_0 blocks in place (see the module docstring)."""
-    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, _tile_q8_0, "linear_q8_0")
+    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, _quad_rows_q8_0, _tile_q8_0, "linear_q8_0")
 
 
 def linear_q4_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
     """``x @ dequantize_q4_0(raw).T``, reading the Q4_0 blocks in place."""
-    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, _tile_q4_0, "linear_q4_0")
+    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, _quad_rows_q4_0, _tile_q4_0, "linear_q4_0")
 
 
 def linear_q4_1(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
     """``x @ dequantize_q4_1(raw).T``, reading the Q4_1 blocks in place."""
-    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, _tile_q4_1, "linear_q4_1")
+    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, _quad_rows_q4_1, _tile_q4_1, "linear_q4_1")
 
 
 def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:  # [T, in], int8 [out, in], f32 [out] -> [T, out]
@@ -480,10 +598,10 @@ def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.nda
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     if qweight.shape[1] != x.shape[1]:
         raise ValueError(f"linear_int8: x has {x.shape[1]} features, the weight {qweight.shape[1]}")
-    if x.shape[0] > R_MAX_INT8:
+    if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, qweight.shape[0], _tile_int8, qweight, scale)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
-    _run(_rows_int8, x, qweight, scale, out)
+    _run(_rows_int8 if x.shape[0] == 1 else _quad_rows_int8, x, qweight, scale, out)
     return out
 
 

@@ -21,7 +21,7 @@ from nanoserve.quant import quantize
 
 FORMATS = ["int8", "int4", "q8_0", "q4_0", "q4_1"]
 GGUF_TYPE = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
-ROWS = sorted({0, 1, 2, 3, 4, 5, 9, quant.R_MAX, quant.R_MAX + 1, quant.R_MAX_INT8, quant.R_MAX_INT8 + 1, 100})
+ROWS = sorted({0, 1, 2, 3, 4, 5, 6, 9, quant.R_MAX, quant.R_MAX + 1, quant.R_MAX_QUAD, quant.R_MAX_QUAD + 1, 100})
 
 
 def weight_arrays(fmt: str, out: int, inp: int, seed: int = 0) -> tuple:
@@ -47,7 +47,7 @@ def assert_matches_reference(fmt: str, x: np.ndarray, arrays: tuple) -> None:
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_linear_matches_the_dequantized_product_on_both_sides_of_r_max(fmt: str, rows: int) -> None:
-    arrays = weight_arrays(fmt, 300, 576)  # 300 output rows: the last prefill tile is partial
+    arrays = weight_arrays(fmt, 302, 576)  # 302 output rows: a partial prefill tile, 2 rows past the groups of 4
     x = np.random.default_rng(1).standard_normal((rows, 576)).astype(np.float32)
     assert_matches_reference(fmt, x, arrays)
 
@@ -79,6 +79,15 @@ def test_float16_subnormal_and_zero_scales_are_read_exactly(fmt: str) -> None:
     blocks[:, :, 0:2] = tiny  # every block's d: subnormal, zero, subnormal, normal
     x = np.random.default_rng(4).standard_normal((2, 128)).astype(np.float32)
     assert_matches_reference(fmt, x, (raw,))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_widened_blocks_are_exactly_the_reference_dequantization(fmt: str) -> None:
+    (raw,) = weight_arrays(fmt, 9, 576, seed=8)
+    tile = np.empty((5, 576), np.float32)
+    quant._run(getattr(quant, f"_tile_{fmt}"), raw, quant.F16_TABLE, 3, tile)  # rows 3..7
+    want = getattr(kernels_ref, f"dequantize_{fmt}")(raw)[3:8]
+    np.testing.assert_array_equal(tile.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
 def test_f16_table_holds_the_value_of_every_float16_bit_pattern() -> None:
