@@ -30,21 +30,23 @@ spread over all of them alike; the tables show medians over ``--repeats``.
     python bench/forward_rows.py                         # ~2 min on 2 cores
     python bench/forward_rows.py --repeats 21 --json out.json
 
-Measured (AMD EPYC Zen 4, 2 cores, OpenBLAS 0.3.31 on 1 thread, load average 2.9-3.4
-from other processes, ``--repeats 11``), medians in ms:
+Measured (AMD EPYC Zen 5, 2 cores, OpenBLAS 0.3.31 on 1 thread, load average 0.4-0.8,
+``--repeats 11``), medians in ms:
 
     T    wall blas  wall compiled   cpu blas  cpu compiled   r(T-1) cpu: blas  compiled
-    1       75.4        41.6          54.6        34.8                   1.00      1.00
-    2      119.8        41.5          96.9        37.6                   1.77      1.08
-    3      139.2        54.7         116.5        42.8                   2.13      1.23
-    5      156.9        67.6         123.4        60.4                   2.26      1.74
-    9      161.6        88.2         146.1        83.3                   2.68      2.40
-    17     219.4       193.8         178.0       169.7                   3.26      4.88
+    1       29.8        23.4          29.8        23.4                   1.00      1.00
+    2       73.9        30.4          73.8        30.4                   2.48      1.30
+    3       87.4        33.6          87.4        33.6                   2.94      1.43
+    5       94.1        48.5          94.1        47.0                   3.16      2.01
+    9      115.4        65.8         115.4        65.8                   3.88      2.81
+    17     122.5        90.0         122.4        90.0                   4.11      3.84
 
-(17 rows is above ``R_MAX``: both columns are BLAS.) At T = 5 the compiled pass spent
-45.7 ms in ``linear`` (28.5 at T = 1) and 13.8 ms in ``paged_attention`` (5.4 at T = 1;
-the chunk's gather is 1.5 ms of it, the reference's NumPy attention the rest). A second
-run under the same load gave r(4) = 1.64 (CPU) and 1.48 (wall): trust ratios to ~0.15.
+(``R_MAX`` is 32: every T here takes the compiled loop in the compiled column.) The
+profile table of the same run put a 5-token pass at 39.3 ms of thread CPU time (r = 1.53
+against 25.7 at T = 1): 30.5 ms in ``linear`` (20.8 at T = 1) and 5.9 in
+``paged_attention`` (2.5 at T = 1; the chunk's gather is 0.5 of it, the reference's NumPy
+attention the rest). This machine's speed drifts between runs by 20-30% (the same T = 5
+pass measured 37.6 ms wall in another run): trust ratios to ~0.2.
 """
 
 from __future__ import annotations

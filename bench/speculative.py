@@ -130,7 +130,7 @@ def chat_prompts(loaded: LoadedModel, texts: list[str]) -> list[list[int]]:
 
 def build(loaded: LoadedModel, args: argparse.Namespace, method: str, k: int, streams: int) -> LLMEngine:
     cfg = EngineConfig(
-        model=args.model, backend=args.backend, max_num_seqs=max(8, streams), speculative="none" if method == "off" else method,
+        model=args.model, backend=args.backend, weights="fp32", max_num_seqs=max(8, streams), speculative="none" if method == "off" else method,
         num_speculative_tokens=k, draft_weights=args.draft_weights, threads=args.threads,
     )
     engine = LLMEngine(cfg, loaded=loaded)

@@ -53,7 +53,11 @@ class EngineConfig:
         "+ CuPy), a registered name, or a path to a .py file defining kernels",
     )
     weights: str = setting(
-        "fp32", "weight format in memory; gguf keeps the file's quantized blocks", choices=WEIGHT_FORMATS
+        "gguf",
+        "weight format in memory: gguf (the default) keeps the file's quantized blocks, as llama.cpp and "
+        "Ollama run them; fp32 dequantizes them on load (the same numbers: logits differ only by summation "
+        "order); fp16, int8, int4, q8_0, q4_0, q4_1 re-quantize",
+        choices=WEIGHT_FORMATS,
     )
     activations: str = setting(
         "float",

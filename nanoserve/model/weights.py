@@ -63,6 +63,12 @@ class LlamaWeights:
             total += sum(size(getattr(layer, f)) for f in LayerWeights.__dataclass_fields__)
         return total
 
+    def formats(self) -> list[str]:
+        """The formats the matrices are held in, most common first: ``["q4_1", "q8_0"]``."""
+        matrices = [self.embed, self.lm_head] + [getattr(layer, f) for layer in self.layers for f in ("w_qkv", "w_o", "w_gate_up", "w_down")]
+        names = [w.format if isinstance(w, QuantizedWeight) else str(w.dtype) for w in matrices]
+        return sorted(set(names), key=lambda name: -names.count(name))
+
 
 def _stack_rows(parts: list[Weight], fmt: str) -> Weight:
     """Concatenate matrices by rows in the target format."""

@@ -1,4 +1,15 @@
-"""Quantizing float weights into nanoserve's formats, and running a linear layer on any of them."""
+"""Quantizing float weights into nanoserve's formats, and running a linear layer on any of them.
+
+The default, ``gguf``, keeps each matrix of a GGUF file in the format the file stores (for
+SmolLM2-135M-Instruct: Q4_1 matrices, a Q8_0 embedding and tied LM head), as llama.cpp and
+Ollama run it. ``fp32`` is the same file dequantized on load. The equality that holds
+between them: both multiply float32 activations by the *same* float32 weight values (the
+kernels widen each block exactly as ``kernels_ref.dequantize_*`` does), so their logits
+differ only by the order of float32 summation, within ``check_kernels.tolerances.DOT``;
+greedy tokens agree unless two logits tie to that precision, and perplexity on the corpus
+windows agrees to four decimals (``docs/quantization.md``). With ``--activations int8``
+that equality no longer holds (the activations are rounded), so it is opt-in.
+"""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def describe(engine: LLMEngine, server: ServerConfig) -> list[str]:
     pool_mib = engine.cache.nbytes / 2**20
     return [
         f"model: {engine.model_name} ({resolve_model(config.model)})",
-        f"weights: {config.weights}",
+        f"weights: {config.weights} ({', '.join(engine.model.weights.formats())})",
         f"backend: {engine.backend.name}"
         + (f" (reference kernels for {', '.join(engine.backend.fallbacks)})" if engine.backend.fallbacks else ""),
         f"KV pool: {stats.num_blocks} blocks of {stats.block_size} tokens = {stats.num_kv_slots} tokens, "

@@ -274,7 +274,7 @@ def test_serve_logs_its_configuration_at_startup(
     mib = engine.cache.nbytes / 2**20
     for expected in (
         f"model: {os.path.basename(tiny_model_dir)} ({tiny_model_dir})",
-        "weights: fp32",
+        "weights: gguf (float32)",  # the default keeps what the file stores: the tiny model's float32
         "backend: cpu",
         f"KV pool: 24 blocks of 16 tokens = 384 tokens, {mib:.1f} MiB (float32)",
         "max_model_len: 256",
