@@ -72,6 +72,10 @@ class OutputStream:
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while self.unfinished:
+            # ``Queue.get`` returns without suspending while items wait, so a backlog would be
+            # handed out (and written to a socket) without the loop ever running its callbacks,
+            # a client's disconnect among them: let the loop run once per item.
+            await asyncio.sleep(0)
             item = await self._queue.get()
             if isinstance(item, BaseException):
                 self.unfinished.clear()
