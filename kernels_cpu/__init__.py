@@ -15,8 +15,8 @@ temporaries dominates, and takes the rest from the reference on purpose:
                           temporaries), the quantized linears linear_int8, linear_int4,
                           linear_q8_0, linear_q4_0, linear_q4_1 (kernels_cpu.quant: the
                           bytes widened in registers for one row, never a float matrix;
-                          four rows at a time widened into L1 for 2-32 rows; a float32
-                          tile at a time into BLAS for prefill rows),
+                          kernels_cpu.quant_tiles: four rows at a time widened into L1
+                          for 2-32 rows, a float32 tile at a time into BLAS for prefill),
                           the int8-activation linears linear_q8_0_a8, linear_q4_0_a8,
                           linear_q4_1_a8 (kernels_cpu.int8_activations: x quantized to
                           int8 blocks, int32 block sums by vpmaddwd for decode rows;

@@ -18,7 +18,7 @@ weight blocks where they lie:
                     acc += float32(sumi) * (dw_b * d_b)   (+ mw_b * s_b for Q4_1)
                 y[t, o] = acc
     prefill shapes, T > R_MAX_A8: the quantized activations, dequantized (``q * d``, exact
-        in float32), times float32 tiles of W into BLAS (``kernels_cpu.quant.linear_tiled``)
+        in float32), times float32 tiles of W into BLAS (``kernels_cpu.quant_tiles.linear_tiled``)
 
 Q4_0's ``nibble - 8`` is taken out of the block's sum as llama.cpp's SIMD code does:
 ``sum (n_j - 8) q_j = sum n_j q_j - 8 * qsum``, with ``qsum = sum q_j`` of the
@@ -37,7 +37,7 @@ is consumed in the same block (the scale differs per block), so there is none to
 both measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
 
 * The 32-product loop is fully unrolled and then packed by LLVM's SLP vectorizer, which
-  Numba leaves off unless told; :func:`kernels_cpu.quant._run` turns it on while these
+  Numba leaves off unless told; :func:`kernels_cpu.quant_tiles._run` turns it on while these
   kernels compile. Off, the same source ran as scalar code: 0.77 ms instead of 0.15.
   :func:`decode_kernel_asm` returns the assembly (tests/test_int8_activations.py
   checks it for ``vpmaddwd`` / ``vpdpwssd`` / ``vpdpbusd`` on AVX2 hosts).
@@ -97,7 +97,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from kernels_cpu.quant import F16_TABLE, _f16, _run, _tile_q4_0, _tile_q8_0, linear_tiled
+from kernels_cpu.quant_tiles import F16_TABLE, _f16, _run, _tile_q4_0, _tile_q8_0, linear_tiled
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
 #: Up to this many rows the integer decode loops run; above, float32 tiles into BLAS
@@ -263,7 +263,7 @@ def decode_kernel_asm(fmt: str) -> str:
     """The x86 (or host) assembly of the ``_rows_<fmt>`` decode loop, as the kernels compile it.
 
     Cached code cannot be inspected, so an uncached copy is compiled here (SLP vectorizer
-    on, as :func:`kernels_cpu.quant._run` compiles the real one) for int8 / float32 /
+    on, as :func:`kernels_cpu.quant_tiles._run` compiles the real one) for int8 / float32 /
     uint8 C-contiguous 2-D arguments.
     """
     import numba

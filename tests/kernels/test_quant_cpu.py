@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 import kernels_ref
-from kernels_cpu import quant
+from kernels_cpu import quant, quant_tiles
 from nanoserve.quant import quantize
 
 FORMATS = ["int8", "int4", "q8_0", "q4_0", "q4_1"]
@@ -85,7 +85,7 @@ def test_float16_subnormal_and_zero_scales_are_read_exactly(fmt: str) -> None:
 def test_widened_blocks_are_exactly_the_reference_dequantization(fmt: str) -> None:
     (raw,) = weight_arrays(fmt, 9, 576, seed=8)
     tile = np.empty((5, 576), np.float32)
-    quant._run(getattr(quant, f"_tile_{fmt}"), raw, quant.F16_TABLE, 3, tile)  # rows 3..7
+    quant_tiles._run(getattr(quant_tiles, f"_tile_{fmt}"), raw, quant_tiles.F16_TABLE, 3, tile)  # rows 3..7
     want = getattr(kernels_ref, f"dequantize_{fmt}")(raw)[3:8]
     np.testing.assert_array_equal(tile.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
@@ -94,9 +94,9 @@ def test_f16_table_holds_the_value_of_every_float16_bit_pattern() -> None:
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     want = bits.view(np.float16).astype(np.float32)
     finite = np.isfinite(want)
-    np.testing.assert_array_equal(quant.F16_TABLE[finite], want[finite])
-    assert np.array_equal(np.isnan(quant.F16_TABLE), np.isnan(want))
-    assert np.array_equal(np.isposinf(quant.F16_TABLE), np.isposinf(want))
+    np.testing.assert_array_equal(quant_tiles.F16_TABLE[finite], want[finite])
+    assert np.array_equal(np.isnan(quant_tiles.F16_TABLE), np.isnan(want))
+    assert np.array_equal(np.isposinf(quant_tiles.F16_TABLE), np.isposinf(want))
 
 
 def test_an_infinite_scale_gives_the_non_finite_output_the_reference_gives() -> None:
