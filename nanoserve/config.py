@@ -56,7 +56,8 @@ class EngineConfig:
         "gguf",
         "weight format in memory: gguf (the default) keeps the file's quantized blocks, as llama.cpp and "
         "Ollama run them; fp32 dequantizes them on load (the same numbers: logits differ only by summation "
-        "order); fp16, int8, int4, q8_0, q4_0, q4_1 re-quantize",
+        "order); fp16, int8, int4, q8_0, q4_0, q4_1 re-quantize (the 4-bit ones keep the LM head at 8 bits, "
+        "as llama-quantize does)",
         choices=WEIGHT_FORMATS,
     )
     activations: str = setting(

@@ -282,9 +282,22 @@ def test_quantized_runs_hold_one_tied_table_for_embedding_and_lm_head(fmt: str, 
     assert weights.lm_head is weights.embed
     if fmt == "fp16":
         assert weights.embed.dtype == np.float16
-    else:
-        assert isinstance(weights.embed, QuantizedWeight) and weights.embed.format == fmt
+    else:  # a 4-bit run keeps its LM head at 8 bits, as llama-quantize does; the layers hold fmt
+        head = {"q4_0": "q8_0", "q4_1": "q8_0", "int4": "int8"}.get(fmt, fmt)
+        assert isinstance(weights.embed, QuantizedWeight) and weights.embed.format == head
+        assert weights.layers[0].w_gate_up.format == fmt
     assert weights.nbytes() < fp32.nbytes() * (0.6 if fmt == "fp16" else 0.35)
+
+
+def test_an_untied_4_bit_run_keeps_its_lm_head_at_8_bits_and_its_embedding_at_4(tmp_path) -> None:
+    from nanoserve.model import load_checkpoint
+    from tests.tiny_model import make_tiny_model
+
+    untied = make_tiny_model(str(tmp_path / "untied"), tie_word_embeddings=False)
+    for fmt, head in [("q4_1", "q8_0"), ("q4_0", "q8_0"), ("int4", "int8"), ("q8_0", "q8_0")]:
+        weights = load_checkpoint(untied, fmt).weights
+        assert weights.lm_head is not weights.embed
+        assert (weights.embed.format, weights.lm_head.format) == (fmt, head)
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "q8_0", "q4_0", "q4_1"])

@@ -18,7 +18,14 @@ The embedding table is held in the run's format too (SmolLM2's is 49152 x 576: 1
 float32, 30 MB as the GGUF's Q8_0, 28 MB as int8). A lookup dequantizes only the rows it
 gathers (``nanoserve.quant.embedding_rows``); a tied LM head is the same quantized table
 and goes through the format's linear kernel. With ``--weights gguf`` both are exactly
-the file's blocks; with fp16/int8/int4 the table is converted like every other matrix.
+the file's blocks; with fp16, int8 and q8_0 the table is converted like every other matrix.
+
+The 4-bit formats keep the LM head at 8 bits (:data:`HEAD_FORMAT`: q4_0 and q4_1 -> q8_0,
+int4 -> int8), as ``llama-quantize`` does for its 4-bit types: it writes ``output.weight``
+(or, when tied, ``token_embd.weight``) as Q6_K, or as Q8_0 where the rows are not a
+multiple of 256 wide (SmolLM2's 576: so its Q4_1 file holds a Q8_0 table). The LM head
+turns every hidden state into the logits directly: on SmolLM2, an int4 table alone cost
++15.7% perplexity (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from nanoserve.model.config import LlamaConfig
 from nanoserve.quant import WEIGHT_FORMATS, QuantizedWeight, dequantize, quantize
 
 Weight = Any  # np.ndarray or QuantizedWeight
+
+#: The format of the LM head (a tied embedding with it) in a 4-bit run; other runs use theirs.
+HEAD_FORMAT = {"q4_0": "q8_0", "q4_1": "q8_0", "int4": "int8"}
 
 
 @dataclass
@@ -116,7 +126,9 @@ def build_weights(config: LlamaConfig, tensors: dict[str, Weight], names: dict[s
 
     c = config
     q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    embed = _convert(check(get("embed"), "embed", (c.vocab_size, c.hidden_size)), fmt)
+    head_fmt = HEAD_FORMAT.get(fmt, fmt)
+    embed_fmt = head_fmt if c.tie_word_embeddings else fmt  # tied: the embedding is the LM head
+    embed = _convert(check(get("embed"), "embed", (c.vocab_size, c.hidden_size)), embed_fmt)
     layers = []
     for i in range(c.num_layers):
         q = check(get("q", i), f"layer {i} q", (q_rows, c.hidden_size))
@@ -137,7 +149,7 @@ def build_weights(config: LlamaConfig, tensors: dict[str, Weight], names: dict[s
     if c.tie_word_embeddings:
         lm_head = embed  # tied: the very same table, quantized or not
     else:
-        lm_head = _convert(check(get("lm_head"), "lm_head", (c.vocab_size, c.hidden_size)), fmt)
+        lm_head = _convert(check(get("lm_head"), "lm_head", (c.vocab_size, c.hidden_size)), head_fmt)
     return LlamaWeights(
         embed=embed,
         layers=layers,

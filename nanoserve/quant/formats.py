@@ -23,7 +23,8 @@ from nanoserve.errors import UnsupportedModelError
 from nanoserve.quant.gguf_quantize import quantize_q4_0, quantize_q4_1, quantize_q8_0
 
 #: What ``--weights`` accepts. q8_0/q4_0/q4_1 re-quantize every matrix into that GGUF block
-#: format; "gguf" keeps each matrix in the format the GGUF file stores.
+#: format (the 4-bit ones keep the LM head at 8 bits: ``nanoserve.model.weights.HEAD_FORMAT``);
+#: "gguf" keeps each matrix in the format the GGUF file stores.
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "q8_0", "q4_0", "q4_1", "gguf")
 INT4_GROUP_SIZE = 32
 
