@@ -75,8 +75,8 @@ reference's float32 weights, then multiply. All accumulate in float32; results d
 from the reference only by summation order, within ``check_kernels.tolerances.DOT``.
 
 In the model, a single-stream decode step spends most of its time in the lanes kernels
-(``python bench/quant.py --profile gguf``: 6.5 ms of a 13.3 ms step in ``_rows_q4_1``,
-1.6 ms in the Q8_0 LM head): they widen about 16 G weights/s on one core, bound by the
+(``python bench/quant.py --profile gguf``: 5.5 ms of an 11.1 ms step in ``_rows_q4_1``,
+1.4 ms in the Q8_0 LM head): they widen about 19 G weights/s on one core, bound by the
 instructions of widening (some 20 per block of 32 weights, a third of them scalar: the
 float16 scales' table lookups), not by memory, so a Q4_1 model's step is about 2.3x faster
 than float32's, not the 6x its bytes would allow. The scales' bits are read as one 16-bit
