@@ -18,8 +18,9 @@ float32 where they are used, by one of three paths chosen by the number of rows 
         then BLAS
 
 The last two widen exactly the reference's float32 weights into memory first; they live
-in ``kernels_cpu.quant_tiles``. int8 (one scale per row) takes the same three paths, its one-row kernel a flat loop over
-each row. int4 keeps a lanes kernel up to ``R_MAX`` rows (its tiles above).
+in ``kernels_cpu.quant_tiles``. int8 (one scale per row) takes the same three paths, its
+one-row kernel a flat loop over each row. int4 keeps a lanes kernel up to ``R_MAX`` rows
+(its tiles above).
 
 Why three: the lanes kernel widens a row's bytes once per row of x, so its cost grows
 with T (Q4_1 [3072, 576]: 0.24 ms at T = 1, 0.64 at 5, 2.0 at 16); the quad kernel widens
@@ -43,8 +44,8 @@ the horizontal sum happens once per output row, not once per 32-weight block. Th
 make that happen, the first two measured on SmolLM2's [3072, 576] Q8_0 matrix at T = 1:
 
 * Numba compiles with LLVM's SLP vectorizer off (``NUMBA_SLP_VECTORIZE=0``) unless told
-  otherwise; :func:`_run` turns it on while one of this module's kernels compiles, for
-  these kernels only. Off, the same source ran as scalar code: 2.4 ms instead of 0.19.
+  otherwise; :func:`kernels_cpu.quant_tiles._run` turns it on while one of these kernels
+  compiles, for these kernels only. Off, the same source ran as scalar code: 2.4 ms instead of 0.19.
 * No ``fastmath`` reassociation in the ``_dot_*`` kernels: with it, LLVM's loop vectorizer
   takes the loop over blocks instead, with a gather per lane (1.4-2.4 ms); without it that
   loop is not vectorisable and the SLP vectorizer gets the block. Each lane then sums in
