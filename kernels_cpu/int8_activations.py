@@ -233,16 +233,34 @@ def _dequantize(q, d, x8):  # int8 [T, in], f32 [T, nb], f32 [T, in] (written): 
 
 
 @njit(cache=True)
-def _tile_q4_1_scaled(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] (written)
+def _block_q4_1_scaled(qb, table, db):  # uint8 [20], [65536], f32 [32] (written)
+    """One Q4_1 block as 32 float32 values ``d * nibble``: its minimum meets ``s`` separately.
+
+    Written as ``kernels_cpu.quant_tiles._block_q4_1``: the 16 bytes read into locals
+    before the 32 floats are stored, so that the SLP vectorizer packs the block.
+    """
+    d = _f16(table, qb[0], qb[1])
+    v0, v1, v2, v3, v4, v5, v6, v7 = qb[4], qb[5], qb[6], qb[7], qb[8], qb[9], qb[10], qb[11]
+    v8, v9, v10, v11, v12, v13, v14, v15 = qb[12], qb[13], qb[14], qb[15], qb[16], qb[17], qb[18], qb[19]
+    db[0], db[1], db[2], db[3] = d * f32(v0 & 0xF), d * f32(v1 & 0xF), d * f32(v2 & 0xF), d * f32(v3 & 0xF)
+    db[4], db[5], db[6], db[7] = d * f32(v4 & 0xF), d * f32(v5 & 0xF), d * f32(v6 & 0xF), d * f32(v7 & 0xF)
+    db[8], db[9], db[10], db[11] = d * f32(v8 & 0xF), d * f32(v9 & 0xF), d * f32(v10 & 0xF), d * f32(v11 & 0xF)
+    db[12], db[13], db[14], db[15] = d * f32(v12 & 0xF), d * f32(v13 & 0xF), d * f32(v14 & 0xF), d * f32(v15 & 0xF)
+    db[16], db[17], db[18], db[19] = d * f32(v0 >> 4), d * f32(v1 >> 4), d * f32(v2 >> 4), d * f32(v3 >> 4)
+    db[20], db[21], db[22], db[23] = d * f32(v4 >> 4), d * f32(v5 >> 4), d * f32(v6 >> 4), d * f32(v7 >> 4)
+    db[24], db[25], db[26], db[27] = d * f32(v8 >> 4), d * f32(v9 >> 4), d * f32(v10 >> 4), d * f32(v11 >> 4)
+    db[28], db[29], db[30], db[31] = d * f32(v12 >> 4), d * f32(v13 >> 4), d * f32(v14 >> 4), d * f32(v15 >> 4)
+
+
+@njit(cache=True)
+def _tile_q4_1_scaled(raw, table, o0, tile):  # uint8 [out, in/32*20], [65536], int, f32 [rows, in] C-contiguous (written)
     """Rows ``o0 ..`` of ``d * nibble`` (Q4_1 without its minimum: that meets ``s`` separately)."""
+    nb = tile.shape[1] // QK
+    r3 = raw.reshape(raw.shape[0], nb, Q4_1_BLOCK_BYTES)
+    t3 = tile.reshape(tile.shape[0], nb, QK)
     for r in range(tile.shape[0]):
-        for b in range(tile.shape[1] // QK):
-            base = b * Q4_1_BLOCK_BYTES
-            dw = _f16(table, raw[o0 + r, base], raw[o0 + r, base + 1])
-            for j in range(QK // 2):
-                byte = np.int32(raw[o0 + r, base + 4 + j])
-                tile[r, b * QK + j] = dw * f32(byte & 0xF)
-                tile[r, b * QK + QK // 2 + j] = dw * f32(byte >> 4)
+        for b in range(nb):
+            _block_q4_1_scaled(r3[o0 + r, b], table, t3[r, b])
 
 
 def _x8(q: np.ndarray, d: np.ndarray) -> np.ndarray:  # int8 [T, in], f32 [T, nb] -> f32 [T, in]

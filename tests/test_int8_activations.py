@@ -170,6 +170,20 @@ def test_cpu_prefill_rows_are_within_the_int8_dot_tolerance(fmt: str) -> None:
     assert outcome.problem is None, outcome.problem
 
 
+def test_the_q4_1_prefill_tile_holds_each_blocks_scale_times_its_nibbles_exactly() -> None:
+    from kernels_cpu.quant_tiles import F16_TABLE, _run
+
+    _, raw = _case("q4_1", 1, 96, 9, seed=7)  # [9, 3 blocks * 20 bytes]
+    raw[4, 20:22] = 0  # a zero scale
+    blocks = raw.reshape(9, 3, 20)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).astype(np.float32)  # [9, 3, 1]
+    nibbles = np.concatenate([blocks[..., 4:] & 0xF, blocks[..., 4:] >> 4], axis=2).astype(np.float32)  # [9, 3, 32]
+    tile = np.empty((6, 96), np.float32)
+    _run(cpu_a8._tile_q4_1_scaled, raw, F16_TABLE, 2, tile)  # rows 2..7
+    want = (d * nibbles).reshape(9, 96)[2:8]
+    np.testing.assert_array_equal(tile.view(np.uint32), want.view(np.uint32))
+
+
 def _has_avx2() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -220,10 +234,16 @@ def test_int8_activations_move_the_logits_a_little_and_the_cpu_backend_agrees_wi
     # activation sits on a rounding boundary that bit sends it to the other int8 step; through
     # attention that moves every later position. So the backends agree to a fraction of what
     # int8 activations themselves move the logits (on one CPU 1e-7 apart, on another 0.4 of
-    # ``moved`` for Q4_1), and on every greedy token; the a8 kernels alone are held to the
-    # reference exactly by the kernel suite.
+    # ``moved`` for Q4_1), and on the greedy token wherever the reference's top two are
+    # further apart than the backends' gap on that row; the a8 kernels alone are held to
+    # the reference exactly by the kernel suite.
     assert np.linalg.norm(cpu - ref) / np.linalg.norm(ref) <= 0.5 * moved
-    np.testing.assert_array_equal(cpu.argmax(axis=-1), ref.argmax(axis=-1))
+    rows = np.arange(len(ref))
+    picked_ref, picked_cpu = ref.argmax(axis=-1), cpu.argmax(axis=-1)
+    margin = ref[rows, picked_ref] - ref[rows, picked_cpu]  # 0 where both pick the same token
+    gap = np.abs(cpu - ref).max(axis=-1)
+    assert np.all((picked_cpu == picked_ref) | (margin <= 2 * gap)), (margin, gap)
+    assert np.mean(picked_cpu == picked_ref) >= 0.9
 
 
 def test_int8_activations_leave_formats_without_a8_kernels_on_float_activations(tiny_model_dir: str) -> None:
