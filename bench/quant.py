@@ -1,8 +1,9 @@
 """What each weight format costs and buys on the cpu backend: bytes, decode and prefill speed.
 
 For each of fp32, fp16, int8, int4, q8_0, q4_0, q4_1 (every matrix re-quantized into that
-GGUF block format; the 4-bit ones keep the LM head at 8 bits, as llama-quantize does), ``gguf`` (the file's own blocks as shipped: Q4_1 matrices, a Q8_0
-embedding tied to the LM head) and ``gguf+a8`` (the same with ``--activations int8``),
+GGUF block format; the 4-bit ones keep the LM head at 8 bits, as llama-quantize does),
+``gguf`` (the file's own blocks as shipped: Q4_1 matrices, a Q8_0 embedding tied to the LM
+head) and ``gguf+a8`` (the same with ``--activations int8``),
 in one run, on one GGUF file:
 
     bytes      every weight the run holds (``LlamaWeights.nbytes``), and bytes per weight

@@ -103,11 +103,12 @@ from kernels_cpu.linear import R_MAX as R_MAX_LINEAR
 from kernels_cpu.pointwise import FASTMATH
 from kernels_cpu.quant_tiles import (
     F16_TABLE,
+    INT8,
+    Q4_0,
+    Q4_1,
+    Q8_0,
     _int4_row,
-    _quad_rows_int8,
-    _quad_rows_q4_0,
-    _quad_rows_q4_1,
-    _quad_rows_q8_0,
+    _quad_rows,
     _row_dots,
     _run,
     _tile_int4,
@@ -330,7 +331,7 @@ def _x32(x: np.ndarray) -> np.ndarray:  # [T, in] any float -> C-contiguous floa
 
 
 def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel: Callable[..., None],
-                 quad_kernel: Callable[..., None], tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
+                 quad_format: int, tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
     """One row: the lanes kernel; up to ``R_MAX_QUAD`` rows: the quad kernel; more: BLAS tiles."""
     x = _x32(x)
     if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % block_bytes:
@@ -341,23 +342,26 @@ def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel:
     if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, raw.shape[0], tile_kernel, raw, F16_TABLE)
     out = np.empty((x.shape[0], raw.shape[0]), dtype=np.float32)
-    _run(lanes_kernel if x.shape[0] == 1 else quad_kernel, x, raw, F16_TABLE, out)
+    if x.shape[0] == 1:
+        _run(lanes_kernel, x, raw, F16_TABLE, out)
+    else:
+        _run(_quad_rows, quad_format, x, raw, F16_TABLE, out)
     return out
 
 
 def linear_q8_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*34] -> [T, out]
     """``x @ dequantize_q8_0(raw).T``, reading the Q8_0 blocks in place (see the module docstring)."""
-    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, _quad_rows_q8_0, _tile_q8_0, "linear_q8_0")
+    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, Q8_0, _tile_q8_0, "linear_q8_0")
 
 
 def linear_q4_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
     """``x @ dequantize_q4_0(raw).T``, reading the Q4_0 blocks in place."""
-    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, _quad_rows_q4_0, _tile_q4_0, "linear_q4_0")
+    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, Q4_0, _tile_q4_0, "linear_q4_0")
 
 
 def linear_q4_1(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
     """``x @ dequantize_q4_1(raw).T``, reading the Q4_1 blocks in place."""
-    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, _quad_rows_q4_1, _tile_q4_1, "linear_q4_1")
+    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, Q4_1, _tile_q4_1, "linear_q4_1")
 
 
 def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:  # [T, in], int8 [out, in], f32 [out] -> [T, out]
@@ -370,7 +374,10 @@ def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.nda
     if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, qweight.shape[0], _tile_int8, qweight, scale)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
-    _run(_rows_int8 if x.shape[0] == 1 else _quad_rows_int8, x, qweight, scale, out)
+    if x.shape[0] == 1:
+        _run(_rows_int8, x, qweight, scale, out)
+    else:
+        _run(_quad_rows, INT8, x, qweight, scale, out)
     return out
 
 

@@ -240,57 +240,35 @@ def _row_dots(x, w_row, scale, out, o):  # [T, in] f32, [in] f32, f32, [T, out] 
         t += 1
 
 
+#: Which format ``_quad_rows`` widens. A code, not the widening function itself: Numba's
+#: disk cache cannot key a compiled kernel on a function passed as an argument.
+INT8, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3
+
+
+@njit(cache=True)
+def _widen(fmt, a, b, o0, rows):  # code, the format's two arrays, int, f32 [n, in] C-contiguous (written)
+    """Rows ``o0 .. o0 + n`` of W as float32, exactly the reference's weights; ``(a, b)`` is
+    ``(raw blocks, F16_TABLE)`` for the GGUF formats, ``(qweight, scale)`` for int8."""
+    if fmt == Q8_0:
+        _tile_q8_0(a, b, o0, rows)
+    elif fmt == Q4_0:
+        _tile_q4_0(a, b, o0, rows)
+    elif fmt == Q4_1:
+        _tile_q4_1(a, b, o0, rows)
+    else:
+        _tile_int8(a, b, o0, rows)
+
+
 @njit(fastmath=FASTMATH, cache=True)
-def _quad_rows_q8_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*34], [65536], [T, out] f32 (written)
+def _quad_rows(fmt, x, a, b, out):  # code, [T, in] f32, the format's two arrays, [T, out] f32 (written)
+    """``out = x @ W.T``, W widened four output rows at a time into L1, then linear's loop."""
     quad = np.empty((4, x.shape[1]), dtype=np.float32)  # four widened weight rows, reused (L1)
     one = np.empty((1, x.shape[1]), dtype=np.float32)
     o = 0
-    while o + 4 <= raw.shape[0]:
-        _tile_q8_0(raw, table, o, quad)
+    while o + 4 <= out.shape[1]:
+        _widen(fmt, a, b, o, quad)
         _quad_dots_all(x, quad, 0, out, o)
         o += 4
-    for r in range(o, raw.shape[0]):  # the rows after the last four
-        _tile_q8_0(raw, table, r, one)
-        _row_dots(x, one[0], f32(1.0), out, r)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _quad_rows_int8(x, qweight, scale, out):  # [T, in] f32, int8 [out, in], f32 [out], [T, out] f32 (written)
-    quad = np.empty((4, x.shape[1]), dtype=np.float32)
-    one = np.empty((1, x.shape[1]), dtype=np.float32)
-    o = 0
-    while o + 4 <= qweight.shape[0]:
-        _tile_int8(qweight, scale, o, quad)
-        _quad_dots_all(x, quad, 0, out, o)
-        o += 4
-    for r in range(o, qweight.shape[0]):  # the rows after the last four
-        _tile_int8(qweight, scale, r, one)
-        _row_dots(x, one[0], f32(1.0), out, r)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _quad_rows_q4_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*18], [65536], [T, out] f32 (written)
-    quad = np.empty((4, x.shape[1]), dtype=np.float32)
-    one = np.empty((1, x.shape[1]), dtype=np.float32)
-    o = 0
-    while o + 4 <= raw.shape[0]:
-        _tile_q4_0(raw, table, o, quad)
-        _quad_dots_all(x, quad, 0, out, o)
-        o += 4
-    for r in range(o, raw.shape[0]):  # the rows after the last four
-        _tile_q4_0(raw, table, r, one)
-        _row_dots(x, one[0], f32(1.0), out, r)
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def _quad_rows_q4_1(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*20], [65536], [T, out] f32 (written)
-    quad = np.empty((4, x.shape[1]), dtype=np.float32)
-    one = np.empty((1, x.shape[1]), dtype=np.float32)
-    o = 0
-    while o + 4 <= raw.shape[0]:
-        _tile_q4_1(raw, table, o, quad)
-        _quad_dots_all(x, quad, 0, out, o)
-        o += 4
-    for r in range(o, raw.shape[0]):  # the rows after the last four
-        _tile_q4_1(raw, table, r, one)
+    for r in range(o, out.shape[1]):  # the rows after the last four
+        _widen(fmt, a, b, r, one)
         _row_dots(x, one[0], f32(1.0), out, r)

@@ -3,9 +3,11 @@
 The default, ``gguf``, keeps each matrix of a GGUF file in the format the file stores (for
 SmolLM2-135M-Instruct: Q4_1 matrices, a Q8_0 embedding and tied LM head), as llama.cpp and
 Ollama run it. ``fp32`` is the same file dequantized on load. The equality that holds
-between them: both multiply float32 activations by the *same* float32 weight values (the
-kernels widen each block exactly as ``kernels_ref.dequantize_*`` does), so their logits
-differ only by the order of float32 summation, within ``check_kernels.tolerances.DOT``;
+between them: both multiply float32 activations by the same weights, each block's
+``d * q`` (``+ m``) as ``kernels_ref.dequantize_*`` computes them (the kernels for 2 rows
+or more widen exactly those float32 values; the one-row kernels fold the scale into the
+block's sum, or for Q4_1 fuse ``d * q + m`` into one rounding), so their logits differ
+only by float32 rounding order, within ``check_kernels.tolerances.DOT``;
 greedy tokens agree unless two logits tie to that precision, and perplexity on the corpus
 windows agrees to four decimals (``docs/quantization.md``). With ``--activations int8``
 that equality no longer holds (the activations are rounded), so it is opt-in.
