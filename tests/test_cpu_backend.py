@@ -13,7 +13,7 @@ import pytest
 
 import kernels_cpu
 import kernels_ref
-from kernels_cpu.attention import _float16_page
+from kernels_cpu.attention import MAX_QUERY_ROWS, _exp_shifted, _float16_page
 from kernels_cpu.linear import FEW_ROWS
 from nanoserve.engine import LLMEngine
 from tests.engine_helpers import greedy_tokens_and_logits
@@ -44,6 +44,33 @@ def test_decode_batch_of_long_contexts_matches_reference(cache_dtype):
     q, k_cache, v_cache, *rest = _paged_batch(rng, [1] * len(seq_lens), seq_lens)
     args = (q, k_cache.astype(cache_dtype), v_cache.astype(cache_dtype), *rest)
     np.testing.assert_allclose(kernels_cpu.paged_attention(*args), kernels_ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_verification_sized_chunks_match_reference(cache_dtype):
+    """Chunks of 2 .. MAX_QUERY_ROWS + 1 queries at long contexts, mixed with decodes: the
+    compiled loop (each row sees the keys up to its own position) and, past the limit,
+    gather + BLAS, both equal to the reference."""
+    rng = np.random.default_rng(1)
+    q_lens = [1, 2, 3, 5, MAX_QUERY_ROWS, MAX_QUERY_ROWS + 1, 1, 4]
+    seq_lens = [300, 2, 257, 640, MAX_QUERY_ROWS, 129, 17, 33]
+    q, k_cache, v_cache, *rest = _paged_batch(rng, q_lens, seq_lens)
+    args = (q, k_cache.astype(cache_dtype), v_cache.astype(cache_dtype), *rest)
+    np.testing.assert_allclose(kernels_cpu.paged_attention(*args), kernels_ref.paged_attention(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_softmax_exp_is_within_two_ulps_of_numpy():
+    """``_exp_shifted`` over [-87.3, 0] and tiny magnitudes: relative error < 2e-7 against
+    float64; below -87.3 it gives exp(-87.3); a nan stays nan."""
+    x = np.concatenate([np.linspace(-87.3, 0.0, 200_001), -np.logspace(-9, 1, 1001), [0.0]]).astype(np.float32)
+    got = x.copy()
+    _exp_shifted(got, len(got), np.float32(0.0))
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 2e-7
+    shifted = np.array([3.0, 5.0, -200.0 + 5.0, np.nan], dtype=np.float32)
+    _exp_shifted(shifted, 4, np.float32(5.0))  # exp(x - 5)
+    assert abs(shifted[0] / np.exp(-2.0) - 1) < 2e-7 and shifted[1] == 1.0
+    assert abs(shifted[2] / np.exp(np.float64(np.float32(-87.3))) - 1) < 1e-6 and np.isnan(shifted[3])
 
 
 def test_every_float16_value_widens_exactly():
