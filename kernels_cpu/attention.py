@@ -63,7 +63,6 @@ At 256 keys, 9 rows already lose to gather + BLAS, hence ``MAX_QUERY_ROWS = 8``.
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
