@@ -112,6 +112,7 @@ def test_a_fused_multiply_subtract_is_within_the_penalty_tolerance() -> None:
     from nanoserve.kernels import register_backend
 
     register_backend("test-penalties-fused", types.SimpleNamespace(apply_penalties=_penalties_with(fused=True)))
-    report = check_kernel("test-penalties-fused", "apply_penalties", max_examples=100)
+    # a fixed seed: unseeded, some runs drew no example where the two roundings differ
+    report = check_kernel("test-penalties-fused", "apply_penalties", max_examples=100, seed=0)
     assert report.status == "pass", report.describe_failure()
     assert report.max_abs_error > 0  # it does round differently: the tolerance is needed
