@@ -8,7 +8,8 @@ the whole KV context, every layer, every step) and only then multiplies. This ba
 compiles plain loops (``numba.njit``) for the kernels where that copy or a chain of
 temporaries dominates, and takes the rest from the reference on purpose:
 
-    compiled here         paged_attention (decodes read pages in place), store_kv,
+    compiled here         paged_attention (decodes and chunks of up to 8 queries read
+                          the pages in place), store_kv,
                           paged_attention_int8 and store_kv_int8 (kernels_cpu.kv_int8:
                           int8 pages read in place, quantized on write),
                           rms_norm, rope, apply_penalties (one pass, not a chain of
@@ -25,8 +26,8 @@ temporaries dominates, and takes the rest from the reference on purpose:
                           row read once for all rows of the step; BLAS above 32 rows)
     NumPy, less work      top_p_filter: sorts a few dozen candidates, not the vocabulary
     the reference's       silu_mul and softmax (SIMD ufuncs), attention (BLAS), the
-    (already the best     sampling filters, and the prefill chunks of paged_attention
-    NumPy can do)         (gather, then BLAS)
+    (already the best     sampling filters, and paged_attention's longer prefill
+    NumPy can do)         chunks (gather, then BLAS)
 
 Numba's CPU target has no float16, so decode attention reads a float16 KV cache as its
 raw 16-bit patterns and widens each page to float32 (exactly), and ``store_kv`` writes
