@@ -20,7 +20,7 @@ time, so every pass sees the same context. Three tables:
     profile   where a pass of T tokens goes: every kernel timed (thread CPU time), summed
               per pass, and what is left (embedding, residual adds, Python, metadata)
     attention paged_attention for one T-token chunk at this context, per pass (30 layers):
-              as the backend runs it (T > 1: gather the pages, then BLAS) and as T
+              as the backend runs it (T <= 8: the compiled in-place loop; longer: gather, then BLAS) and as T
               one-token decodes over the same pages (the compiled in-place path; the
               same causal result), and the gather alone
 
