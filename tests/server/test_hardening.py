@@ -120,7 +120,39 @@ def test_a_non_streamed_request_whose_client_left_gets_one_access_line(
     idle_server: RunningServer, access_log: pytest.LogCaptureFixture
 ) -> None:
     server = idle_server
-    body = json.dumps({"prompt": "Tell me everything", "max_tokens": 490, "temperature": 0, "ignore_eos": True})
+    server.async_engine.run_in_engine(slow_steps)  # the client must leave before the 490 tokens are done
+    try:
+        abandon_a_long_completion(server, access_log)
+    finally:
+        server.async_engine.run_in_engine(normal_steps)
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=30)
+    assert ok.status_code == 200
+    deadline = time.monotonic() + 10
+    while len(completion_lines(access_log.records)) < 2:
+        assert time.monotonic() < deadline, "no access line for the answered request"
+        time.sleep(0.02)
+    assert completion_lines(access_log.records) == [
+        ("POST", "/v1/completions", 499),
+        ("POST", "/v1/completions", 200),
+    ]
+
+
+def slow_steps(engine: Any) -> None:
+    """5 ms more per engine step: 490 tokens take >2.4 s, not the tiny model's fraction of a second."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.005), step())[1]
+
+
+def normal_steps(engine: Any) -> None:
+    """Undo :func:`slow_steps` (the instance attribute shadows the class's method)."""
+    engine.__dict__.pop("step", None)
+
+
+def abandon_a_long_completion(server: RunningServer, access_log: pytest.LogCaptureFixture) -> None:
+    """Send a 490-token completion, close the socket once it is computing, and see it logged as 499."""
+    body = json.dumps(
+        {"prompt": "Tell me everything", "max_tokens": 490, "temperature": 0, "ignore_eos": True}
+    )
     head = (
         "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -139,10 +171,3 @@ def test_a_non_streamed_request_whose_client_left_gets_one_access_line(
         time.sleep(0.02)
     server.wait_until_idle(timeout=10)
     assert completion_lines(access_log.records) == [("POST", "/v1/completions", 499)]
-    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=30)
-    assert ok.status_code == 200
-    deadline = time.monotonic() + 10
-    while len(completion_lines(access_log.records)) < 2:
-        assert time.monotonic() < deadline, "no access line for the answered request"
-        time.sleep(0.02)
-    assert completion_lines(access_log.records) == [("POST", "/v1/completions", 499), ("POST", "/v1/completions", 200)]
