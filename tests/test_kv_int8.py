@@ -4,9 +4,10 @@ Kernels: every backend stores the same bytes and scales as the reference, bit fo
 (rounding ties to even included), and its attention matches the reference's int8 math
 within the suite's ATTENTION tolerance (the property suite runs both kernels too, in
 tests/kernels). The int8-vs-float32 attention error is held to a bound derived from
-the quantization step. End to end, the tiny model and SmolLM2 on int8 KV choose the same
-greedy tokens as on float32 KV for the measured number of tokens, and prefix caching
-and chunked prefill change nothing. The pool: ``D + 4`` bytes per token per KV head.
+the quantization step. End to end, the tiny model on int8 KV chooses the same greedy tokens
+as on float32 KV for the measured number of tokens, SmolLM2 changes a greedy token only
+where float32's top two are within the int8 error, and prefix caching and chunked
+prefill change nothing. The pool: ``D + 4`` bytes per token per KV head.
 """
 
 from __future__ import annotations
@@ -269,16 +270,27 @@ def test_the_same_memory_holds_3_76x_the_tokens_and_the_startup_line_counts_the_
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_on_int8_kv_chooses_the_float32_tokens(smollm2_loaded):
-    """Measured over 64 greedy tokens: "The capital of France is", "def fibonacci(n):" and
-    "1, 2, 3, 4," agree on all 64 (asserted: 32). Of three more prompts measured, "Once
-    upon a time, in a small village" agreed on all 64, "The theory of relativity states
-    that" first differed at token 61 and "Tell me about the sea. " x 12 at token 6."""
+def test_smollm2_on_int8_kv_changes_a_greedy_token_only_at_a_near_tie(smollm2_loaded):
+    """Each prompt runs alone, 32 greedy tokens on float32 and on int8 KV. Up to the first
+    token where they differ both runs saw the same context, so their logits differ only by
+    the int8 cache's error: at most 2.0 anywhere (measured 1.17), and the float32 run's top
+    two at the differing step lie within twice that step's error (else int8 could not have
+    flipped the choice). Which prompts differ depends on the CPU's summation order; measured
+    here, the first three agree on all 32 and "Tell me about the sea. " x 12 differs at
+    token 6 (float32 margin 0.089, error 0.23 on that step)."""
     tok = smollm2_loaded.tokenizer
-    prompts = [tok.encode(p) for p in ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]]
-    runs = {d: greedy_tokens_and_logits(LLMEngine(loaded=smollm2_loaded, num_blocks=64, kv_cache_dtype=d), prompts, 32)
-            for d in ("float32", "int8")}  # fmt: skip
-    assert runs["int8"][0] == runs["float32"][0]
+    texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Tell me about the sea. " * 12]
+    for text in texts:
+        runs = {d: greedy_tokens_and_logits(LLMEngine(loaded=smollm2_loaded, num_blocks=64, kv_cache_dtype=d), [tok.encode(text)], 32)
+                for d in ("float32", "int8")}  # fmt: skip
+        (f32, f32_logits), (int8, int8_logits) = runs["float32"], runs["int8"]  # logits: one [1, V] per step
+        first = _first_difference(f32[0], int8[0])
+        same_context = range(min(first + 1, 32))  # steps whose inputs were identical
+        errors = [float(np.abs(int8_logits[i] - f32_logits[i]).max()) for i in same_context]
+        assert max(errors) < 2.0, (text, errors)
+        if first < 32:
+            second, top = np.sort(f32_logits[first][0])[-2:]
+            assert top - second <= 2 * errors[first], (text, first, top - second, errors[first])
 
 
 @pytest.mark.real_model
