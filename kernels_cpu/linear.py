@@ -9,8 +9,8 @@ loop reads each weight row once for all rows of the step::
 
     for o in range(0, out, 4):                    the hot loop: one pass over W
         w4 = W[o:o+4]                             [4, in] (from memory once, then from L1)
-        for each block of up to 5 rows t..t+4:    x [T, in] is small: it stays in L1/L2
-            y[t:t+5, o:o+4] = x[t:t+5] @ w4.T     20 dot products in one loop over in
+        for each block of up to X_BLOCK rows:     x [T, in] is small: it stays in L1/L2
+            y[t:t+n, o:o+4] = x[t:t+n] @ w4.T     4n dot products in one loop over in
 
 Each ``_quad_dots_<n>`` is that loop for a block of n rows of x, its 4n sums written out
 as scalars: LLVM vectorises the loop over ``in`` (``fastmath`` reassociation lets it split
@@ -39,10 +39,24 @@ Why the loop is shaped as it is:
 * Four weight rows at once: one row was 10-30% slower at one row of x (gate/up 0.28 vs
   0.26 ms, down 0.16 vs 0.12), and four rows against one row of x runs as fast as the
   memory delivers the weights (about 27 GB/s here, what BLAS's GEMV reads too).
-* ``X_BLOCK = 5``: a block of 5 rows of x costs about what a block of 4 does (20
-  accumulators still fit in AVX-512's 32 registers), and k = 4 drafts make 5 rows. Every
-  extra pass over a group of weight rows, even from L1, costs 30-50 ns per row, so 5
-  rows in one block beat 4 + 1.
+* ``X_BLOCK``, 5 with AVX-512, 2 without: a block of n rows of x keeps 4n accumulator
+  vectors live, plus the four weight vectors. With AVX-512's 32 registers 20 accumulators
+  fit, a block of 5 rows cost about what a block of 4 did, and k = 4 drafts make 5
+  rows; every extra pass over a group of weight rows, even from L1, cost 30-50 ns per
+  row, so 5 rows in one block beat 4 + 1. AVX2 has 16 registers: from 3 rows on the
+  accumulators spill to the stack, and blocks of 2 won. Measured on an AMD EPYC with
+  AVX2 only (Zen 3, LLVM's ``znver3``), thread CPU time per call, median of 7, 20
+  distinct weights, a compiler busy on the other core; float32 weights (``_linear_rows_f32``) and Q4_1 widened four rows at
+  a time (``kernels_cpu.quant_tiles._quad_rows``), block sizes 2 / 3 / 4 / 5, ms::
+
+      rows T   [3072, 576] float32     [3072, 576] Q4_1        [576, 1536] Q4_1
+      2        0.55 0.55 0.54 0.54     0.30 0.30 0.30 0.30     0.15 0.15 0.15 0.15
+      5        0.69 0.66 0.73 0.79     0.46 0.59 0.58 1.17     0.23 0.29 0.28 0.53
+      9        0.86 1.13 1.04 1.09     0.66 1.08 0.90 1.46     0.31 0.50 0.42 0.69
+      16       1.15 1.87 1.55 1.79     0.90 1.66 1.41 3.11     0.45 0.80 0.65 1.48
+
+  The block size is an argument of the kernels, not a constant compiled into them, so
+  the tests run every size on every machine.
 * No software prefetch: the hardware prefetcher keeps up with four sequential streams;
   ``llvm.prefetch`` 16 rows ahead made every shape 5-15% slower on this machine.
 * ``R_MAX = 32``: at 32 rows the loop still beat GEMM on every shape (gate/up 1.48 vs
@@ -60,6 +74,7 @@ same failure that made ``nanoserve.threads`` give BLAS one thread by default.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite.binding import get_host_cpu_features
 from numba import njit
 
 import kernels_ref
@@ -71,8 +86,9 @@ R_MAX = 32
 #: weight as the left operand OpenBLAS was 7-11% faster at 48-128 rows (a layer's four
 #: matmuls, 30 layers of distinct weights); at 512 rows the usual order was 25% faster.
 FEW_ROWS = 128
-#: Rows of x that meet each group of four weight rows in one loop (:func:`_quad_dots_5`).
-X_BLOCK = 5
+#: Rows of x that meet each group of four weight rows in one loop (:func:`_quad_dots_all`):
+#: 5 where the CPU has AVX-512's 32 vector registers, 2 where it has AVX2's 16 (see above).
+X_BLOCK = 5 if get_host_cpu_features().get("avx512f", False) else 2
 
 
 @njit(fastmath=FASTMATH, inline="always")
@@ -226,12 +242,12 @@ def _quad_dots_5(x, w, r, t, out, o):  # as _quad_dots_1, rows t..t+4 of x
 
 
 @njit(fastmath=FASTMATH, inline="always")
-def _quad_dots_all(x, w, r, out, o):  # [T, in] f32, [R, in] f32 (rows r..r+3 read), [T, out] f32 (columns o..o+3 written)
-    """``out[:, o:o+4] = x @ w[r:r+4].T``: the rows of x in blocks of up to ``X_BLOCK``."""
+def _quad_dots_all(x, w, r, out, o, x_block):  # [T, in] f32, [R, in] f32 (rows r..r+3 read), [T, out] f32 (columns o..o+3 written), 1..5
+    """``out[:, o:o+4] = x @ w[r:r+4].T``: the rows of x in blocks of up to ``x_block``."""
     rows = x.shape[0]
     t = 0
     while t < rows:
-        block = min(rows - t, X_BLOCK)
+        block = min(rows - t, x_block)
         if block == 1:
             _quad_dots_1(x, w, r, t, out, o)
         elif block == 2:
@@ -246,14 +262,14 @@ def _quad_dots_all(x, w, r, out, o):  # [T, in] f32, [R, in] f32 (rows r..r+3 re
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f32(x, w, out):  # [T, in] f32, [out, in] f32, [T, out] f32 (written)
+def _linear_rows_f32(x, w, out, x_block):  # [T, in] f32, [out, in] f32, [T, out] f32 (written), 1..5
     """The hot loop: one pass over the weight, four rows at a time. Each group of four weight
-    rows meets the rows of x in blocks of up to ``X_BLOCK`` (:func:`_quad_dots_all`); the
+    rows meets the rows of x in blocks of up to ``x_block`` (:func:`_quad_dots_all`); the
     last ``out % 4`` weight rows go one at a time (:func:`_row_dots`)."""
     n_out = w.shape[0]
     o = 0
     while o + 4 <= n_out:
-        _quad_dots_all(x, w, o, out, o)
+        _quad_dots_all(x, w, o, out, o, x_block)
         o += 4
     while o < n_out:
         _row_dots(x, w, o, out, o)
@@ -280,7 +296,7 @@ def _widen_half_row(half, row):  # [in] uint16 (float16 bits) -> [in] f32 (writt
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f16(x, w_bits, out):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (written)
+def _linear_rows_f16(x, w_bits, out, x_block):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (written), 1..5
     """:func:`_linear_rows_f32` on float16 weights: each group of four rows is widened into a
     float32 scratch (in L1), then meets the rows of x as float32 weights do."""
     n_out = w_bits.shape[0]
@@ -290,7 +306,7 @@ def _linear_rows_f16(x, w_bits, out):  # [T, in] f32, [out, in] uint16 (float16 
         if o + 4 <= n_out:
             for j in range(4):
                 _widen_half_row(w_bits[o + j], quad[j])
-            _quad_dots_all(x, quad, 0, out, o)
+            _quad_dots_all(x, quad, 0, out, o, x_block)
             o += 4
         else:
             _widen_half_row(w_bits[o], quad[0])
@@ -308,9 +324,9 @@ def linear_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, in] f32, [ou
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
     if w.dtype == np.float16:
-        _linear_rows_f16(x, w.view(np.uint16), out)
+        _linear_rows_f16(x, w.view(np.uint16), out, X_BLOCK)
     else:
-        _linear_rows_f32(x, w, out)
+        _linear_rows_f32(x, w, out, X_BLOCK)
     return out
 
 

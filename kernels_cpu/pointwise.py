@@ -4,7 +4,10 @@ NumPy evaluates ``x / sqrt(mean(x*x) + eps) * w`` as five passes over memory wit
 temporary array each; here every row is read twice (sum of squares, then scale) and
 written once. For RoPE the cos/sin tables [T, D/2] still come from NumPy, as in the
 reference; one compiled pass then rotates every head, where the reference makes four
-products, two sums and a concatenation.
+products, two sums and a concatenation. Every layer of a forward pass rotates the same
+positions, so the last tables are kept and reused while the positions, head size and
+base are equal (:func:`_tables`): one table computation per step instead of one per
+layer.
 
 Both run on one thread: a decode step has a few dozen rows of a few hundred floats, and
 waking a thread pool would cost more than the work.
@@ -57,13 +60,37 @@ def _rope_rows(x, cos, sin, out):  # [T, H, D] f32, [T, D/2] f32 x2, [T, H, D] f
                 out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
 
 
+#: The last tables :func:`_tables` computed: (key, (cos, sin)), or None.
+_last_tables: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def _tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:  # [T] -> [T, D/2] x2
+    """``rotation_tables(positions, dim, theta)``, reused from the previous call when its
+    positions (their bytes and dtype), ``dim`` and ``theta`` were the same.
+
+    The key holds a copy of the positions' bytes, so a caller that changes its array in
+    place gets new tables. The tables are never written (``_rope_rows`` only reads them).
+    The (key, tables) pair is replaced in one assignment, so threads never see half of one.
+    """
+    global _last_tables
+    positions = np.asarray(positions)
+    key = (positions.tobytes(), positions.dtype.str, dim, float(theta))
+    last = _last_tables
+    if last is not None and last[0] == key:
+        return last[1]
+    tables = rotation_tables(positions, dim, theta)
+    _last_tables = (key, tables)
+    return tables
+
+
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:  # [T, H, D], [T] -> [T, H, D]
     """Rotate pair (x[i], x[i + D/2]) of every head of token t by ``positions[t] * theta**(-2i/D)``.
 
     The angle tables are the reference's (``rotation_tables``: NumPy's vectorised cos/sin
-    beat a compiled scalar loop); the rotation of every head is the compiled pass.
+    beat a compiled scalar loop), computed once per step for all layers (:func:`_tables`);
+    the rotation of every head is the compiled pass.
     """
-    cos, sin = rotation_tables(positions, x.shape[-1], theta)  # [T, D/2] x2
+    cos, sin = _tables(positions, x.shape[-1], theta)  # [T, D/2] x2
     out = np.empty(x.shape, dtype=np.float32)
     _rope_rows(x.astype(np.float32, copy=False), cos, sin, out)
     return out

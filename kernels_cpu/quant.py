@@ -100,6 +100,7 @@ import numpy as np
 from numba import njit
 
 from kernels_cpu.linear import R_MAX as R_MAX_LINEAR
+from kernels_cpu.linear import X_BLOCK
 from kernels_cpu.pointwise import FASTMATH
 from kernels_cpu.quant_tiles import (
     F16_TABLE,
@@ -345,7 +346,7 @@ def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel:
     if x.shape[0] == 1:
         _run(lanes_kernel, x, raw, F16_TABLE, out)
     else:
-        _run(_quad_rows, quad_format, x, raw, F16_TABLE, out)
+        _run(_quad_rows, quad_format, x, raw, F16_TABLE, out, X_BLOCK)
     return out
 
 
@@ -377,7 +378,7 @@ def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.nda
     if x.shape[0] == 1:
         _run(_rows_int8, x, qweight, scale, out)
     else:
-        _run(_quad_rows, INT8, x, qweight, scale, out)
+        _run(_quad_rows, INT8, x, qweight, scale, out, X_BLOCK)
     return out
 
 

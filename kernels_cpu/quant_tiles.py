@@ -260,14 +260,14 @@ def _widen(fmt, a, b, o0, rows):  # code, the format's two arrays, int, f32 [n, 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _quad_rows(fmt, x, a, b, out):  # code, [T, in] f32, the format's two arrays, [T, out] f32 (written)
+def _quad_rows(fmt, x, a, b, out, x_block):  # code, [T, in] f32, the format's two arrays, [T, out] f32 (written), 1..5
     """``out = x @ W.T``, W widened four output rows at a time into L1, then linear's loop."""
     quad = np.empty((4, x.shape[1]), dtype=np.float32)  # four widened weight rows, reused (L1)
     one = np.empty((1, x.shape[1]), dtype=np.float32)
     o = 0
     while o + 4 <= out.shape[1]:
         _widen(fmt, a, b, o, quad)
-        _quad_dots_all(x, quad, 0, out, o)
+        _quad_dots_all(x, quad, 0, out, o, x_block)
         o += 4
     for r in range(o, out.shape[1]):  # the rows after the last four
         _widen(fmt, a, b, r, one)

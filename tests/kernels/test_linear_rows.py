@@ -1,7 +1,7 @@
 """The cpu backend's few-row ``linear``: every path it can take equals the reference.
 
 ``kernels_cpu.linear`` chooses among a compiled loop (four weight rows at a time against
-blocks of up to ``X_BLOCK`` rows of x, the last ``out % 4`` weight rows one at a time), its
+blocks of up to ``X_BLOCK`` rows of x, every block size tested, the last ``out % 4`` weight rows one at a time), its
 float16 variant, and BLAS (above ``R_MAX`` rows,
 or for inputs the loop does not take). Each is held here to the contract's ``linear``
 tolerance (``tolerances.DOT``: error against ``|x| @ |W|.T``), at the thresholds' edges
@@ -64,6 +64,27 @@ def test_float16_weights_are_widened_exactly_before_the_product(rows: int):
     finite = ~np.isnan(want)
     magnitude = np.abs(x) @ np.abs(np.nan_to_num(half.astype(np.float32), posinf=0, neginf=0)).T
     assert (np.abs(got[finite] - want[finite]) <= DOT.atol + DOT.rtol * magnitude[finite]).all()
+
+
+@pytest.mark.parametrize("x_block", [1, 2, 3, 4, 5])
+def test_every_block_size_of_x_gives_the_reference_product(x_block: int):
+    """The machine picks ``X_BLOCK`` (5 with AVX-512, else 2); every size is held to the
+    contract here, float32 and float16 weights, with rows that end in every partial block."""
+    for rows in range(1, 12):
+        x, w = _case(rows, 37, 96, seed=rows)
+        for weight in (w, w.astype(np.float16)):
+            out = np.empty((rows, w.shape[0]), dtype=np.float32)
+            if weight.dtype == np.float16:
+                cpu_linear._linear_rows_f16(x, weight.view(np.uint16), out, x_block)
+            else:
+                cpu_linear._linear_rows_f32(x, weight, out, x_block)
+            _assert_within_dot_tolerance(out, x, weight)
+
+
+def test_the_block_size_follows_the_cpus_vector_registers():
+    from llvmlite.binding import get_host_cpu_features
+
+    assert cpu_linear.X_BLOCK == (5 if get_host_cpu_features().get("avx512f", False) else 2)
 
 
 def test_widen_half_row_is_exact_for_every_float16_bit_pattern():

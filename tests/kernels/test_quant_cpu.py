@@ -52,6 +52,22 @@ def test_fused_linear_matches_the_dequantized_product_on_both_sides_of_r_max(fmt
     assert_matches_reference(fmt, x, arrays)
 
 
+@pytest.mark.parametrize("x_block", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+def test_quad_kernels_match_the_reference_at_every_block_size_of_x(fmt: str, x_block: int) -> None:
+    """``X_BLOCK`` depends on the machine; the quad kernels are run here at every size."""
+    arrays = weight_arrays(fmt, 38, 96, seed=3)  # 38 rows: 9 groups of four and 2 left over
+    code = {"int8": quant_tiles.INT8, "q8_0": quant_tiles.Q8_0, "q4_0": quant_tiles.Q4_0, "q4_1": quant_tiles.Q4_1}[fmt]
+    a, b = (arrays[0], quant_tiles.F16_TABLE) if fmt != "int8" else (arrays[0], arrays[1].astype(np.float32))
+    w = dequantized(fmt, arrays)
+    for rows in range(2, 12):
+        x = np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float32)
+        out = np.empty((rows, 38), dtype=np.float32)
+        quant_tiles._run(quant_tiles._quad_rows, code, x, a, b, out, x_block)
+        want = x.astype(np.float64) @ w.T
+        assert np.all(np.abs(out - want) <= 1e-6 + 2e-5 * (np.abs(x.astype(np.float64)) @ np.abs(w).T))
+
+
 @pytest.mark.parametrize(("out", "inp"), [(960, 576), (576, 1536)])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_linear_matches_at_smollm2_widths(fmt: str, out: int, inp: int) -> None:
