@@ -31,6 +31,23 @@ def default_gguf() -> str:
     return resolve_model(None)
 
 
+def set_x_block(rows: int | None) -> None:
+    """Run the few-row kernels with blocks of ``rows`` rows of x (``kernels_cpu.linear.X_BLOCK``,
+    which the machine picks: 5 with AVX-512, 2 without); None keeps the machine's. The
+    float32 and the quantized kernels' wrappers read the module global at every call."""
+    if rows is None:
+        return
+    import importlib
+
+    for name in ("kernels_cpu.linear", "kernels_cpu.quant"):
+        importlib.import_module(name).X_BLOCK = rows
+
+
+def add_x_block_option(parser: Any) -> None:
+    parser.add_argument("--x-block", type=int, default=None, choices=range(1, 6), metavar="N",
+                        help="rows of x per block in the few-row kernels, 1-5 (default: the machine's, kernels_cpu.linear.X_BLOCK)")  # fmt: skip
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 

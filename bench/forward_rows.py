@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from bench.benchlib import environment, print_table, results_path, write_json  # noqa: E402
+from bench.benchlib import add_x_block_option, environment, print_table, results_path, set_x_block, write_json  # noqa: E402
 from nanoserve import threads  # noqa: E402
 from nanoserve.interfaces import ScheduledBatch  # noqa: E402
 
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="fp32", help="weight format (nanoserve.quant)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: nanoserve.threads' policy)")
     parser.add_argument("--skip-linear", action="store_true", help="skip the per-shape linear table")
+    add_x_block_option(parser)
     parser.add_argument("--plot", default=None, help="figure path (default bench/results/forward_rows.png)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -263,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     from nanoserve.model import load_checkpoint
 
     print(threads.apply(args.threads))
+    set_x_block(args.x_block)
     print(environment())
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (others may be running)")
     loaded = load_checkpoint(None, args.weights)
-    engine = LLMEngine(loaded=loaded, backend="cpu", prefix_cache="none", max_num_batched_tokens=max(256, args.context))
+    engine = LLMEngine(loaded=loaded, backend="cpu", prefix_cache="none", max_num_batched_tokens=max(256, args.context),
+                       threads=args.threads)  # the engine applies its own thread count: pass --threads on
     verifier = Verifier(engine, loaded.tokenizer, args.context, max(tokens_list))
     kernels = engine.model.k  # the backend's kernel namespace, shared with the KV cache
 

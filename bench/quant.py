@@ -37,6 +37,7 @@ so its perplexity is beside nanoserve's gguf and gguf+a8 rows, not equal to eith
     python bench/quant.py --ppl-chunks 0           # speed only
     python bench/quant.py --kernels                # one matrix, every format, 1..256 rows
     python bench/quant.py --profile gguf           # where a decode step's time goes
+    python bench/quant.py --x-block 5 --ppl-chunks 0 --kv-dtypes ""   # the few-row kernels as AVX-512 runs them
 
 ``--kernels`` times one linear (SmolLM2's gate/up, [3072, 576]) per format and row count in
 thread CPU time (median of 15), against the cpu backend's float32 ``linear``: the table the
@@ -59,7 +60,17 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from bench.benchlib import default_gguf, environment, median, print_table, results_path, warm_up, write_json  # noqa: E402
+from bench.benchlib import (  # noqa: E402
+    add_x_block_option,
+    default_gguf,
+    environment,
+    median,
+    print_table,
+    results_path,
+    set_x_block,
+    warm_up,
+    write_json,
+)
 from bench.corpus import corpus_path  # noqa: E402
 from bench.llama_cpp_tools import llama_bench, llama_bench_kv, llama_perplexity  # noqa: E402
 from bench.prefill_decode import prompt_ids  # noqa: E402
@@ -87,14 +98,15 @@ def split_format(spec: str) -> tuple[str, str]:
     return spec, "float"
 
 
-def make_engine(loaded: Any, spec: str, max_tokens: int) -> Any:
+def make_engine(loaded: Any, spec: str, max_tokens: int, threads: int | None) -> Any:
+    """An engine for one format; ``threads`` as ``--threads`` (each engine applies its own)."""
     from nanoserve.engine import LLMEngine
 
     weights, activations = split_format(spec)
     block_size = 16
     return LLMEngine(
         EngineConfig(backend="cpu", weights=weights, activations=activations, block_size=block_size,
-                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512),
+                     num_blocks=-(-max_tokens // block_size) + 2, max_num_batched_tokens=512, threads=threads),
         loaded=loaded,
     )  # fmt: skip
 
@@ -120,7 +132,7 @@ def bench_format(gguf: str, weights: str, args: argparse.Namespace, ppl_tokens: 
     loaded = load_checkpoint(gguf, split_format(weights)[0])
     prefill_prompt = prompt_ids(loaded.tokenizer, args.prompt_tokens)
     decode_prompt = prefill_prompt[: args.decode_prompt_tokens]
-    engine = make_engine(loaded, weights, args.prompt_tokens + args.new_tokens + 2)
+    engine = make_engine(loaded, weights, args.prompt_tokens + args.new_tokens + 2, args.threads)
     run_request(engine, decode_prompt, 4)  # warm-up: compiles or loads the kernels
     run_request(engine, prefill_prompt, 1)
     decode_s, prefill_s, tokens = [], [], []
@@ -163,7 +175,8 @@ def stream_throughput(loaded: Any, weights: str, streams: int, args: argparse.Na
 
     workload = make_workload(loaded.tokenizer, loaded.config.vocab_size, streams, args.stream_min_len, args.stream_max_len, 0)
     w, activations = split_format(weights)
-    engine = LLMEngine(EngineConfig(backend="cpu", weights=w, activations=activations, max_num_seqs=streams), loaded=loaded)
+    engine = LLMEngine(EngineConfig(backend="cpu", weights=w, activations=activations, max_num_seqs=streams, threads=args.threads),
+                         loaded=loaded)  # fmt: skip
     warm_up(engine, workload[0][0])
     start = time.perf_counter()
     for prompt, n in workload:
@@ -280,7 +293,7 @@ def profile_decode(gguf: str, weights: str, args: argparse.Namespace) -> None:
 
     loaded = load_checkpoint(gguf, split_format(weights)[0])
     prompt = prompt_ids(loaded.tokenizer, args.decode_prompt_tokens)
-    engine = make_engine(loaded, weights, len(prompt) + args.new_tokens + 2)
+    engine = make_engine(loaded, weights, len(prompt) + args.new_tokens + 2, args.threads)
     run_request(engine, prompt, 4)
     engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=args.new_tokens + 1, ignore_eos=True))
     engine.step()  # the prefill, not profiled
@@ -318,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-new-tokens", type=int, default=32, help="decode steps timed per KV round (default: 32)")
     ap.add_argument("--kernels", action="store_true", help="only the per-matrix kernel table")
     ap.add_argument("--profile", default=None, metavar="FMT", help="only profile FMT's decode steps")
+    add_x_block_option(ap)
     ap.add_argument("--plot", default=None, help="figure path (default: bench/results/quant.png)")
     ap.add_argument("--json", default=None, help="also write every timing to this JSON file")
     args = ap.parse_args(argv)
@@ -325,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     from nanoserve import threads
 
     threads_line = threads.apply(args.threads)
+    set_x_block(args.x_block)
     print(load_average())
     print(environment())
     print(threads_line)
