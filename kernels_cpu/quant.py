@@ -20,7 +20,7 @@ float32 where they are used, by one of three paths chosen by the number of rows 
 The last two widen exactly the reference's float32 weights into memory first; they live
 in ``kernels_cpu.quant_tiles``. int8 (one scale per row) takes the same three paths, its
 one-row kernel a flat loop over each row. int4 keeps a lanes kernel up to ``R_MAX`` rows
-(its tiles above).
+(the quad kernel and tiles above).
 
 Why three: the lanes kernel widens a row's bytes once per row of x, so its cost grows
 with T (Q4_1 [3072, 576]: 0.24 ms at T = 1, 0.64 at 5, 2.0 at 16); the quad kernel widens
@@ -104,6 +104,7 @@ from kernels_cpu.linear import X_BLOCK
 from kernels_cpu.pointwise import FASTMATH
 from kernels_cpu.quant_tiles import (
     F16_TABLE,
+    INT4,
     INT8,
     Q4_0,
     Q4_1,
@@ -121,10 +122,13 @@ from kernels_cpu.quant_tiles import (
 )
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
-#: Up to this many rows int4 takes its fused lanes kernel; above it, float32 tiles into
-#: BLAS. The lanes kernel re-widens a row's bytes for every input row, so its cost grows
-#: with T: on [3072, 576] Q8_0 it took 0.24 / 1.0 / 2.1 / 4.1 ms at T = 1 / 4 / 8 / 16.
-R_MAX = 8
+#: Up to this many rows int4 takes its fused lanes kernel; above it, up to ``R_MAX_QUAD``,
+#: the quad kernel (four rows widened into L1), then float32 tiles into BLAS. The lanes
+#: kernel re-widens a row's bytes for every input row, so its cost grows with T. Int4
+#: [3072, 576], thread CPU ms per call, lanes / quad (AMD EPYC, AVX2 only, Zen 3):
+#: T = 2: 0.42 / 0.93, T = 5: 1.17 / 1.13, T = 8: 1.88 / 1.09, T = 16: 3.70 / 1.58;
+#: [576, 1536]: T = 5: 0.52 / 0.45, T = 8: 0.83 / 0.56.
+R_MAX = 4
 #: From 2 rows up to this many, int8 and the GGUF block formats take the quad kernels (four
 #: weight rows widened into L1, then ``kernels_cpu.linear``'s loop), as float32 weights
 #: take that loop up to ``kernels_cpu.linear.R_MAX`` rows; above it, float32 tiles into BLAS.
@@ -392,10 +396,12 @@ def linear_int4(x: np.ndarray, qweight: np.ndarray, scales: np.ndarray) -> np.nd
             f"linear_int4: x has {x.shape[1]} features; the weight holds {2 * qweight.shape[1]} "
             f"in {scales.shape[1]} groups"
         )
-    if x.shape[0] > R_MAX:
+    if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, qweight.shape[0], _tile_int4, qweight, scales)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
-    if x.shape[1] // scales.shape[1] == INT4_FAST_GROUP:
+    if x.shape[0] > R_MAX:  # scales flattened: every format's second array is 1-D (quant_tiles._widen)
+        _run(_quad_rows, INT4, x, qweight, scales.reshape(-1), out, X_BLOCK)
+    elif x.shape[1] // scales.shape[1] == INT4_FAST_GROUP:
         x_even, x_odd = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])  # [T, in/2] each
         _run(_rows_int4, x_even, x_odd, qweight, scales, out)
     else:

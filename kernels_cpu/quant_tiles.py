@@ -168,6 +168,22 @@ def _tile_int8(qweight, scale, o0, tile):  # int8 [out, in], f32 [out], int, f32
 
 
 @njit(cache=True)
+def _block_int4(qb, s, db):  # uint8 [16], f32, f32 [32] (written)
+    """32 int4 columns sharing scale ``s``: byte j holds columns 2j (low) and 2j + 1 (high),
+    each ``(nibble - 8) * s``; the 16 bytes read into locals first, as in ``_block_q4_0``."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = qb[0], qb[1], qb[2], qb[3], qb[4], qb[5], qb[6], qb[7]
+    v8, v9, v10, v11, v12, v13, v14, v15 = qb[8], qb[9], qb[10], qb[11], qb[12], qb[13], qb[14], qb[15]
+    db[0], db[1], db[2], db[3] = f32((v0 & 0xF) - 8) * s, f32((v0 >> 4) - 8) * s, f32((v1 & 0xF) - 8) * s, f32((v1 >> 4) - 8) * s
+    db[4], db[5], db[6], db[7] = f32((v2 & 0xF) - 8) * s, f32((v2 >> 4) - 8) * s, f32((v3 & 0xF) - 8) * s, f32((v3 >> 4) - 8) * s
+    db[8], db[9], db[10], db[11] = f32((v4 & 0xF) - 8) * s, f32((v4 >> 4) - 8) * s, f32((v5 & 0xF) - 8) * s, f32((v5 >> 4) - 8) * s
+    db[12], db[13], db[14], db[15] = f32((v6 & 0xF) - 8) * s, f32((v6 >> 4) - 8) * s, f32((v7 & 0xF) - 8) * s, f32((v7 >> 4) - 8) * s
+    db[16], db[17], db[18], db[19] = f32((v8 & 0xF) - 8) * s, f32((v8 >> 4) - 8) * s, f32((v9 & 0xF) - 8) * s, f32((v9 >> 4) - 8) * s
+    db[20], db[21], db[22], db[23] = f32((v10 & 0xF) - 8) * s, f32((v10 >> 4) - 8) * s, f32((v11 & 0xF) - 8) * s, f32((v11 >> 4) - 8) * s
+    db[24], db[25], db[26], db[27] = f32((v12 & 0xF) - 8) * s, f32((v12 >> 4) - 8) * s, f32((v13 & 0xF) - 8) * s, f32((v13 >> 4) - 8) * s
+    db[28], db[29], db[30], db[31] = f32((v14 & 0xF) - 8) * s, f32((v14 >> 4) - 8) * s, f32((v15 & 0xF) - 8) * s, f32((v15 >> 4) - 8) * s
+
+
+@njit(cache=True)
 def _tile_int4(qweight, scales, o0, tile):  # uint8 [out, in/2], f32 [out, G], int, f32 [rows, in] (written)
     for r in range(tile.shape[0]):
         _int4_row(qweight[o0 + r], scales[o0 + r], tile[r])
@@ -178,6 +194,13 @@ def _int4_row(q_row, scales_row, row):  # uint8 [in/2], f32 [G], f32 [in] (writt
     """``row[c] = (nibble c - 8) * scale[c // group]``, exactly the reference's float32 weights."""
     n = row.shape[0]
     group = n // scales_row.shape[0]
+    if group % QK == 0:  # whole runs of 16 bytes share a scale: written out, so that SLP packs them
+        per_group = group // QK
+        q2 = q_row.reshape(n // QK, QK // 2)
+        r2 = row.reshape(n // QK, QK)
+        for b in range(n // QK):
+            _block_int4(q2[b], scales_row[b // per_group], r2[b])
+        return
     if group % 2 == 0:  # both columns of every byte share a group: one scale per run of bytes
         half = group // 2
         for g in range(scales_row.shape[0]):
@@ -242,19 +265,23 @@ def _row_dots(x, w_row, scale, out, o):  # [T, in] f32, [in] f32, f32, [T, out] 
 
 #: Which format ``_quad_rows`` widens. A code, not the widening function itself: Numba's
 #: disk cache cannot key a compiled kernel on a function passed as an argument.
-INT8, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3
+INT8, Q8_0, Q4_0, Q4_1, INT4 = 0, 1, 2, 3, 4
 
 
 @njit(cache=True)
 def _widen(fmt, a, b, o0, rows):  # code, the format's two arrays, int, f32 [n, in] C-contiguous (written)
     """Rows ``o0 .. o0 + n`` of W as float32, exactly the reference's weights; ``(a, b)`` is
-    ``(raw blocks, F16_TABLE)`` for the GGUF formats, ``(qweight, scale)`` for int8."""
+    ``(raw blocks, F16_TABLE)`` for the GGUF formats, ``(qweight, scale)`` for int8,
+    ``(qweight, scales flattened)`` for int4 (so that every format's ``b`` is 1-D float32:
+    one compiled kernel types every branch with the same arguments)."""
     if fmt == Q8_0:
         _tile_q8_0(a, b, o0, rows)
     elif fmt == Q4_0:
         _tile_q4_0(a, b, o0, rows)
     elif fmt == Q4_1:
         _tile_q4_1(a, b, o0, rows)
+    elif fmt == INT4:
+        _tile_int4(a, b.reshape((a.shape[0], b.shape[0] // a.shape[0])), o0, rows)
     else:
         _tile_int8(a, b, o0, rows)
 

@@ -53,12 +53,16 @@ def test_fused_linear_matches_the_dequantized_product_on_both_sides_of_r_max(fmt
 
 
 @pytest.mark.parametrize("x_block", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "q8_0", "q4_0", "q4_1"])
 def test_quad_kernels_match_the_reference_at_every_block_size_of_x(fmt: str, x_block: int) -> None:
     """``X_BLOCK`` depends on the machine; the quad kernels are run here at every size."""
     arrays = weight_arrays(fmt, 38, 96, seed=3)  # 38 rows: 9 groups of four and 2 left over
-    code = {"int8": quant_tiles.INT8, "q8_0": quant_tiles.Q8_0, "q4_0": quant_tiles.Q4_0, "q4_1": quant_tiles.Q4_1}[fmt]
-    a, b = (arrays[0], quant_tiles.F16_TABLE) if fmt != "int8" else (arrays[0], arrays[1].astype(np.float32))
+    code = {"int8": quant_tiles.INT8, "int4": quant_tiles.INT4, "q8_0": quant_tiles.Q8_0, "q4_0": quant_tiles.Q4_0,
+            "q4_1": quant_tiles.Q4_1}[fmt]  # fmt: skip
+    if fmt in GGUF_TYPE:
+        a, b = arrays[0], quant_tiles.F16_TABLE
+    else:  # int8's per-row scale, int4's group scales flattened (as kernels_cpu.quant passes them)
+        a, b = arrays[0], np.ascontiguousarray(arrays[1], dtype=np.float32).reshape(-1)
     w = dequantized(fmt, arrays)
     for rows in range(2, 12):
         x = np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float32)
@@ -77,7 +81,7 @@ def test_fused_linear_matches_at_smollm2_widths(fmt: str, out: int, inp: int) ->
 
 
 @pytest.mark.parametrize("group", [2, 4, 6, 16, 32, 64])
-@pytest.mark.parametrize("rows", [1, 3, quant.R_MAX + 1])
+@pytest.mark.parametrize("rows", [1, 3, quant.R_MAX + 1, quant.R_MAX_QUAD + 1])
 def test_int4_any_group_size_matches_the_reference(group: int, rows: int) -> None:
     rng = np.random.default_rng(group)
     inp = 192
@@ -103,6 +107,17 @@ def test_widened_blocks_are_exactly_the_reference_dequantization(fmt: str) -> No
     tile = np.empty((5, 576), np.float32)
     quant_tiles._run(getattr(quant_tiles, f"_tile_{fmt}"), raw, quant_tiles.F16_TABLE, 3, tile)  # rows 3..7
     want = getattr(kernels_ref, f"dequantize_{fmt}")(raw)[3:8]
+    np.testing.assert_array_equal(tile.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("group", [32, 64, 6])  # whole 32-column blocks (written out), and the plain loop
+def test_widened_int4_rows_are_exactly_the_reference_dequantization(group: int) -> None:
+    rng = np.random.default_rng(group)
+    qweight = rng.integers(0, 256, (9, 96)).astype(np.uint8)  # every nibble value, 192 columns
+    scales = (rng.standard_normal((9, 192 // group)) * 0.02).astype(np.float32)
+    tile = np.empty((5, 192), np.float32)
+    quant_tiles._run(quant_tiles._tile_int4, qweight, scales, 3, tile)  # rows 3..7
+    want = kernels_ref.dequantize_int4(qweight, scales)[3:8]
     np.testing.assert_array_equal(tile.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
