@@ -277,7 +277,7 @@ def test_smollm2_on_int8_kv_changes_a_greedy_token_only_at_a_near_tie(smollm2_lo
     two at the differing step lie within twice that step's error (else int8 could not have
     flipped the choice). Which prompts differ depends on the CPU's summation order; measured
     here, the first three agree on all 32 and "Tell me about the sea. " x 12 differs at
-    token 6 (float32 margin 0.089, error 0.23 on that step)."""
+    token 6 (float32 margin 0.089; the largest logit error up to it 0.23)."""
     tok = smollm2_loaded.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Tell me about the sea. " * 12]
     for text in texts:
