@@ -34,13 +34,12 @@ def default_gguf() -> str:
 def set_x_block(rows: int | None) -> None:
     """Run the few-row kernels with blocks of ``rows`` rows of x (``kernels_cpu.linear.X_BLOCK``,
     which the machine picks: 5 with AVX-512, 2 without); None keeps the machine's. The
-    float32 and the quantized kernels' wrappers read the module global at every call."""
+    float32 and the quantized kernels' wrappers read that module global at every call."""
     if rows is None:
         return
     import importlib
 
-    for name in ("kernels_cpu.linear", "kernels_cpu.quant"):
-        importlib.import_module(name).X_BLOCK = rows
+    importlib.import_module("kernels_cpu.linear").X_BLOCK = rows  # the module, not the package's function
 
 
 def add_x_block_option(parser: Any) -> None:

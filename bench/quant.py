@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="decode tokens per run")
     ap.add_argument("--decode-prompt-tokens", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prefill prompt length")
-    ap.add_argument("--threads", type=int, default=None, help="BLAS threads (nanoserve.threads; default: its policy)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for BLAS and the compiled kernels (nanoserve.threads; default: its policy)")
+    ap.add_argument("--peer-threads", type=int, default=None,
+                    help="llama.cpp's threads (default: nanoserve's, so both use the same cores)")
     ap.add_argument("--llama-bench", default=None, metavar="PATH", help="llama.cpp's llama-bench, the peer")
     ap.add_argument("--llama-perplexity", default=None, metavar="PATH", help="llama.cpp's llama-perplexity, the perplexity peer")
     ap.add_argument("--text", default=None, metavar="FILE", help="perplexity text (default: bench/corpus.py's plays, fetched once)")
@@ -370,10 +373,11 @@ def main(argv: list[str] | None = None) -> None:
 
         params = load_checkpoint(gguf, "fp32").weights.nbytes() // 4
     base = next((r for r in rows if r["weights"] == "fp32"), rows[0])
-    peer, peer_note = llama_bench(args.llama_bench, gguf, 2)
+    peer_threads = args.peer_threads or threads.current() or 1  # the peer on the cores nanoserve has
+    peer, peer_note = llama_bench(args.llama_bench, gguf, peer_threads)
     ppl_peer, ppl_peer_note = None, "no perplexity (--ppl-chunks 0)"
     if text is not None:
-        ppl_peer, ppl_peer_note = llama_perplexity(args.llama_perplexity, gguf, text, args.ppl_ctx, args.ppl_chunks, 2)
+        ppl_peer, ppl_peer_note = llama_perplexity(args.llama_perplexity, gguf, text, args.ppl_ctx, args.ppl_chunks, peer_threads)
 
     print(f"\nmodel {os.path.basename(gguf)}, {params / 1e6:.1f} M parameters; decode: {args.new_tokens} tokens after "
           f"a {args.decode_prompt_tokens}-token prompt; prefill: {args.prompt_tokens} tokens; median of {args.runs} runs; "
@@ -389,12 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     if peer:
         gguf_row = next((r for r in rows if r["weights"] == "gguf"), None)
         table.append([
-            "llama.cpp (file)", "-", "-", f"{peer.get('tg128', 0):.1f}",
+            f"llama.cpp (file, {peer_threads} thr)", "-", "-", f"{peer.get('tg128', 0):.1f}",
             f"{peer.get('tg128', 0) / base['decode_tps']:.2f}x", f"{peer.get('pp128', 0):.0f}",
             f"{peer.get('pp128', 0) / base['prefill_tps']:.2f}x", "-",
         ])  # fmt: skip
         if gguf_row:
-            print(f"nanoserve gguf / llama.cpp tg128: {gguf_row['decode_tps'] / peer['tg128']:.2f}x")
+            print(f"nanoserve gguf / llama.cpp tg128 on {peer_threads} thread(s): {gguf_row['decode_tps'] / peer['tg128']:.2f}x")
     print_table(["weights", "MiB", "bytes/weight", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32", "greedy = fp32's"], table)
     if args.streams:
         streams_table(rows, base, args)
@@ -436,13 +440,14 @@ def kv_section(gguf: str, text: str | None, args: argparse.Namespace) -> dict[st
     llama.cpp's f16 and q8_0 caches at the same depth on the file.
     """
     from bench import kv_cache
+    from nanoserve import threads
 
     ns = argparse.Namespace(model=gguf, weights="fp32", backend="cpu", dtypes=args.kv_dtypes.split(","),
                             text=text or kv_cache.DEFAULT_TEXT, context=args.kv_context, new_tokens=args.kv_new_tokens,
                             runs=args.runs, ctx=args.ppl_ctx, chunks=args.ppl_chunks)  # fmt: skip
     print(f"\nKV cache formats ({', '.join(ns.dtypes)}) ...", flush=True)
     results = kv_cache.measure(ns)
-    peer, note = llama_bench_kv(args.llama_bench, gguf, 2, args.kv_context, args.kv_new_tokens)
+    peer, note = llama_bench_kv(args.llama_bench, gguf, args.peer_threads or threads.current() or 1, args.kv_context, args.kv_new_tokens)
     print(f"\nKV cache: fp32 weights, decode at {args.kv_context} tokens of context ({args.kv_new_tokens} steps, "
           f"median of {args.runs}); perplexity as above\n")  # fmt: skip
     base = results.get("float32")

@@ -1,7 +1,7 @@
-"""BLAS threads on a quiet machine and beside a busy process: what the thread policy rests on.
+"""1 and 2 threads on a quiet machine and beside a busy process: what the thread policy rests on.
 
 Workload (SmolLM2-135M-Instruct, cpu backend, fp32 weights, greedy, EOS ignored), each with
-1 and with 2 OpenBLAS threads (set by ``nanoserve.threads.apply``):
+1 and with 2 threads (OpenBLAS's and the compiled linears', set by ``nanoserve.threads.apply``):
 
     decode      one stream: a 16-token prompt, then ``--new-tokens`` one-token steps
                 -> tokens/s = new tokens / their total time
@@ -128,7 +128,7 @@ def plot(summary: dict[tuple[str, int], dict[str, float]], path: str, title: str
         for j, n in enumerate(THREAD_COUNTS):
             xs = [i + (j - 0.5) * 0.38 for i in range(len(CONDITIONS))]
             values = [summary[(c, n)][key] for c in CONDITIONS]
-            bars = ax.bar(xs, values, width=0.36, color=colors[n], label=f"{n} BLAS thread{'s' if n > 1 else ''}")
+            bars = ax.bar(xs, values, width=0.36, color=colors[n], label=f"{n} thread{'s' if n > 1 else ''}")
             for bar, v in zip(bars, values, strict=True):
                 ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(CONDITIONS)), ["quiet (no busy loop)", "a busy loop on one CPU"])
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="also write every round's figures to this JSON file")
     args = ap.parse_args(argv)
     if threads.usable_cpus() < 2:
-        sys.exit("bench/threads.py compares 1 and 2 BLAS threads: it needs at least 2 usable CPUs")
+        sys.exit("bench/threads.py compares 1 and 2 threads: it needs at least 2 usable CPUs")
 
     from nanoserve.engine import LLMEngine
     from nanoserve.model import load_checkpoint
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             summary[(condition, n)]["decode_min"] = min(x["decode_tps"] for x in mine)
             summary[(condition, n)]["decode_max"] = max(x["decode_tps"] for x in mine)
     print_table(
-        ["condition", "BLAS threads", "decode tok/s", "decode min-max", "2-token step ms", "prefill tok/s", "batch-32 tok/s"],
+        ["condition", "threads", "decode tok/s", "decode min-max", "2-token step ms", "prefill tok/s", "batch-32 tok/s"],
         [
             [c, n, f"{s['decode_tps']:.1f}", f"{s['decode_min']:.1f}-{s['decode_max']:.1f}", f"{s['forward2_ms']:.0f}", f"{s['prefill_tps']:.0f}", f"{s['batch32_tps']:.0f}"]
             for (c, n), s in summary.items()
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\nmedians over the rounds; 'busy' = a Python busy loop pinned to one CPU beside the engine.")
     load = median([x["load"] for x in rounds if x["condition"] == "quiet"])
-    title = f"SmolLM2-135M ({args.backend}, {args.weights}), 1 vs 2 BLAS threads on {os.cpu_count()} CPUs, median of {args.runs} rounds (1-min load average in quiet rounds: {load:.2f})"
+    title = f"SmolLM2-135M ({args.backend}, {args.weights}), 1 vs 2 threads on {os.cpu_count()} CPUs, median of {args.runs} rounds (1-min load average in quiet rounds: {load:.2f})"
     plot(summary, args.plot or results_path("threads.png"), title)
     write_json(args.json, {"environment": environment(), "rounds": rounds, "summary": {f"{c}/{n}": s for (c, n), s in summary.items()}})
 

@@ -35,10 +35,12 @@ one through NumPy. Compiled code is cached on disk (``cache=True``) under
 ``~/.cache/nanoserve/numba`` (``kernels_cpu.compile_cache``): the first run spends a few
 seconds compiling.
 
-Threads: every kernel here runs on the calling thread; only the matmuls use threads
-(OpenBLAS's, as ``nanoserve.threads`` sets them). Splitting attention over threads as
-well did not make serving faster on 2 cores (measured in ``kernels_cpu.attention``), nor
-did splitting the quantized linears (measured in ``kernels_cpu.quant``).
+Threads: by default every kernel here runs on the calling thread. ``--threads N``
+(``nanoserve.threads``) gives OpenBLAS N threads and splits the compiled linears' output
+rows (``linear``'s few-row loop, the quantized lanes and quad kernels) over N threads
+(``kernels_cpu.split``: the same bits as one thread). Attention stays on the calling
+thread: splitting it did not make serving faster on 2 cores (measured in
+``kernels_cpu.attention``).
 
     >>> from nanoserve.kernels import get_backend
     >>> get_backend("cpu").fallbacks

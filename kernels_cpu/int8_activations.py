@@ -86,7 +86,8 @@ before it joins the sum), so they return the reference's bits. The prefill path 
 the same products in BLAS order instead: within
 ``check_kernels.cases.int8_activations.INT8_DOT`` of the reference.
 
-Threads: every kernel runs on the calling thread, as in ``kernels_cpu.quant``.
+Threads: every kernel runs on the calling thread (not split over ``--threads``, as
+``kernels_cpu.quant``'s are: int8 activations are opt-in and off the default path).
 """
 
 from __future__ import annotations

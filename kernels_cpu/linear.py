@@ -65,20 +65,23 @@ Why the loop is shaped as it is:
   machine of earlier measurements the loop it replaced lost to GEMM from about 16 rows,
   so prefill-sized products stay with BLAS.
 
-Threads: the loop runs on the calling thread. A ``prange`` over output features on both
-cores was ~1.8x faster when the other core was idle, and up to 20x slower whenever
-another process held it (every call waits at a barrier for the descheduled half), the
-same failure that made ``nanoserve.threads`` give BLAS one thread by default.
+Threads: the loop runs on the calling thread unless ``--threads N`` asks for more; then
+:func:`_split_rows_f32` / :func:`_split_rows_f16` cut the output rows into N ranges at
+multiples of four (``kernels_cpu.split``), each range the same loop, so every output keeps
+its bits. Two threads were ~1.8x faster per call when the other core was idle, and up to
+20x slower whenever another process held it (every call waits at a barrier for the
+descheduled half), the same failure that made ``nanoserve.threads`` default to one thread.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from llvmlite.binding import get_host_cpu_features
-from numba import njit
+from numba import njit, prange
 
 import kernels_ref
 from kernels_cpu.pointwise import FASTMATH
+from kernels_cpu.split import part_bounds, parts_for
 
 #: Up to this many rows the compiled loop computes the product; above it, BLAS (see above).
 R_MAX = 32
@@ -262,16 +265,16 @@ def _quad_dots_all(x, w, r, out, o, x_block):  # [T, in] f32, [R, in] f32 (rows 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f32(x, w, out, x_block):  # [T, in] f32, [out, in] f32, [T, out] f32 (written), 1..5
-    """The hot loop: one pass over the weight, four rows at a time. Each group of four weight
-    rows meets the rows of x in blocks of up to ``x_block`` (:func:`_quad_dots_all`); the
-    last ``out % 4`` weight rows go one at a time (:func:`_row_dots`)."""
-    n_out = w.shape[0]
-    o = 0
-    while o + 4 <= n_out:
+def _linear_rows_f32(x, w, out, x_block, lo, hi):  # [T, in] f32, [out, in] f32, [T, out] f32 (columns lo..hi written), 1..5, ints
+    """The hot loop: one pass over weight rows ``lo .. hi``, four rows at a time. Each group
+    of four weight rows meets the rows of x in blocks of up to ``x_block``
+    (:func:`_quad_dots_all`); the last ``(hi - lo) % 4`` weight rows go one at a time
+    (:func:`_row_dots`)."""
+    o = lo
+    while o + 4 <= hi:
         _quad_dots_all(x, w, o, out, o, x_block)
         o += 4
-    while o < n_out:
+    while o < hi:
         _row_dots(x, w, o, out, o)
         o += 1
 
@@ -296,14 +299,13 @@ def _widen_half_row(half, row):  # [in] uint16 (float16 bits) -> [in] f32 (writt
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _linear_rows_f16(x, w_bits, out, x_block):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (written), 1..5
+def _linear_rows_f16(x, w_bits, out, x_block, lo, hi):  # [T, in] f32, [out, in] uint16 (float16 bits), [T, out] f32 (columns lo..hi written), 1..5, ints
     """:func:`_linear_rows_f32` on float16 weights: each group of four rows is widened into a
     float32 scratch (in L1), then meets the rows of x as float32 weights do."""
-    n_out = w_bits.shape[0]
     quad = np.empty((4, w_bits.shape[1]), dtype=np.float32)  # four widened weight rows, reused
-    o = 0
-    while o < n_out:
-        if o + 4 <= n_out:
+    o = lo
+    while o < hi:
+        if o + 4 <= hi:
             for j in range(4):
                 _widen_half_row(w_bits[o + j], quad[j])
             _quad_dots_all(x, quad, 0, out, o, x_block)
@@ -312,6 +314,20 @@ def _linear_rows_f16(x, w_bits, out, x_block):  # [T, in] f32, [out, in] uint16 
             _widen_half_row(w_bits[o], quad[0])
             _row_dots(x, quad, 0, out, o)
             o += 1
+
+
+@njit(parallel=True, cache=True)
+def _split_rows_f32(x, w, out, x_block, parts):  # as _linear_rows_f32, all rows, over ``parts`` threads (kernels_cpu.split)
+    for p in prange(parts):
+        lo, hi = part_bounds(w.shape[0], p, parts, 4)
+        _linear_rows_f32(x, w, out, x_block, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _split_rows_f16(x, w_bits, out, x_block, parts):  # as _linear_rows_f16, all rows, over ``parts`` threads
+    for p in prange(parts):
+        lo, hi = part_bounds(w_bits.shape[0], p, parts, 4)
+        _linear_rows_f16(x, w_bits, out, x_block, lo, hi)
 
 
 def linear_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, in] f32, [out, in] f32|f16 -> [T, out] f32
@@ -323,10 +339,16 @@ def linear_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [T, in] f32, [ou
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    parts = parts_for(w.shape[0], 4)  # output rows split over threads (kernels_cpu.split)
     if w.dtype == np.float16:
-        _linear_rows_f16(x, w.view(np.uint16), out, X_BLOCK)
+        if parts > 1:
+            _split_rows_f16(x, w.view(np.uint16), out, X_BLOCK, parts)
+        else:
+            _linear_rows_f16(x, w.view(np.uint16), out, X_BLOCK, 0, w.shape[0])
+    elif parts > 1:
+        _split_rows_f32(x, w, out, X_BLOCK, parts)
     else:
-        _linear_rows_f32(x, w, out, X_BLOCK)
+        _linear_rows_f32(x, w, out, X_BLOCK, 0, w.shape[0])
     return out
 
 

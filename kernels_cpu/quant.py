@@ -84,12 +84,18 @@ than float32's, not the 6x its bytes would allow. The scales' bits are read as o
 word each (``h3``, the blocks viewed as uint16) rather than two bytes put together: 1.1x on
 the one-row kernels.
 
-Threads: every kernel here runs on the calling thread (no ``prange``). A ``prange`` over
-output rows of the Q4_1 kernel, 2 threads, took 8.0 ms where the one-thread kernel took
-0.27 ms, measured while other processes kept the machine's load average at 3.4: the
-barrier at the end of each parallel loop waits for whichever thread was descheduled, as
-OpenBLAS's threads do (``nanoserve.threads``). So the kernels follow the one-thread
-policy; the prefill tiles' BLAS calls use the threads ``nanoserve.threads`` set.
+Threads: by default every kernel here runs on the calling thread. With ``--threads N``
+(``nanoserve.threads``) the lanes and quad kernels split their output rows over N threads
+(``_split_*``, ``kernels_cpu.split``: each output is still one thread's sum, the same bits).
+SmolLM2's Q4_1 matrices, each of the 30 layers' own (so the bytes stream from memory as in
+the model), one row, wall microseconds per call through ``linear_q4_1``, median of 15, 1 / 2
+threads, AMD EPYC AVX2 (Zen 3), idle: QKV [960, 576] 94 / 61, output [576, 576] 68 / 51,
+gate-up [3072, 576] 273 / 166, down [576, 1536] 141 / 88 (1.3-1.6x: each call's start
+and join cost some 10 us, and the Python around the call as much again). The same
+split on a busy machine took 8.0 ms where the one-thread kernel took 0.27 ms (load
+average 3.4): the join waits for whichever thread was descheduled, as OpenBLAS's
+threads do, which is why one thread stays the default. The prefill tiles' BLAS calls
+use the threads ``nanoserve.threads`` set.
 """
 
 from __future__ import annotations
@@ -97,10 +103,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from kernels_cpu.linear import R_MAX as R_MAX_LINEAR
-from kernels_cpu.linear import X_BLOCK
 from kernels_cpu.pointwise import FASTMATH
 from kernels_cpu.quant_tiles import (
     F16_TABLE,
@@ -110,7 +115,6 @@ from kernels_cpu.quant_tiles import (
     Q4_1,
     Q8_0,
     _int4_row,
-    _quad_rows,
     _row_dots,
     _run,
     _tile_int4,
@@ -119,7 +123,9 @@ from kernels_cpu.quant_tiles import (
     _tile_q4_1,
     _tile_q8_0,
     linear_tiled,
+    quad_rows,
 )
+from kernels_cpu.split import part_bounds, parts_for
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
 #: Up to this many rows int4 takes its fused lanes kernel; above it, up to ``R_MAX_QUAD``,
@@ -263,56 +269,56 @@ def _dot_int4(xe3, xo3, t, q3, scales, o):  # [T, G, 16] f32 x2, int, uint8 [out
 
 
 @njit(fastmath=CONTRACT, cache=True)
-def _rows_q8_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*34], [65536], [T, out] f32 (written)
+def _rows_q8_0(x, raw, table, out, lo, hi):  # [T, in] f32, uint8 [out, in/32*34], [65536], [T, out] f32 (columns lo..hi written)
     rows, n = x.shape
     x3 = x.reshape(rows, n // QK, QK)
     # the blocks as 16-bit words, so that a scale's f16 bits are one load (little-endian, as GGUF)
     h3 = raw.view(np.uint16).reshape(raw.shape[0], n // QK, Q8_0_BLOCK_BYTES // 2)
     q3 = raw.view(np.int8).reshape(raw.shape[0], n // QK, Q8_0_BLOCK_BYTES)
-    for o in range(raw.shape[0]):
+    for o in range(lo, hi):
         for t in range(rows):
             out[t, o] = _dot_q8_0(x3, t, h3, q3, o, table)
 
 
 @njit(fastmath=CONTRACT, cache=True)
-def _rows_q4_0(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*18], [65536], [T, out] f32 (written)
+def _rows_q4_0(x, raw, table, out, lo, hi):  # [T, in] f32, uint8 [out, in/32*18], [65536], [T, out] f32 (columns lo..hi written)
     rows, n = x.shape
     x3 = x.reshape(rows, n // QK, QK)
     r3 = raw.reshape(raw.shape[0], n // QK, Q4_0_BLOCK_BYTES)
     h3 = raw.view(np.uint16).reshape(raw.shape[0], n // QK, Q4_0_BLOCK_BYTES // 2)
-    for o in range(raw.shape[0]):
+    for o in range(lo, hi):
         for t in range(rows):
             out[t, o] = _dot_q4_0(x3, t, r3, h3, o, table)
 
 
 @njit(fastmath=CONTRACT, cache=True)
-def _rows_q4_1(x, raw, table, out):  # [T, in] f32, uint8 [out, in/32*20], [65536], [T, out] f32 (written)
+def _rows_q4_1(x, raw, table, out, lo, hi):  # [T, in] f32, uint8 [out, in/32*20], [65536], [T, out] f32 (columns lo..hi written)
     rows, n = x.shape
     x3 = x.reshape(rows, n // QK, QK)
     r3 = raw.reshape(raw.shape[0], n // QK, Q4_1_BLOCK_BYTES)
     h3 = raw.view(np.uint16).reshape(raw.shape[0], n // QK, Q4_1_BLOCK_BYTES // 2)
-    for o in range(raw.shape[0]):
+    for o in range(lo, hi):
         for t in range(rows):
             out[t, o] = _dot_q4_1(x3, t, r3, h3, o, table)
 
 
 @njit(fastmath=CONTRACT, cache=True)
-def _rows_int4(x_even, x_odd, qweight, scales, out):  # [T, in/2] f32 x2, uint8 [out, in/2], f32 [out, G], [T, out]
+def _rows_int4(x_even, x_odd, qweight, scales, out, lo, hi):  # [T, in/2] f32 x2, uint8 [out, in/2], f32 [out, G], [T, out] (columns lo..hi)
     rows, half = x_even.shape
     groups = scales.shape[1]
     xe3 = x_even.reshape(rows, groups, half // groups)
     xo3 = x_odd.reshape(rows, groups, half // groups)
     q3 = qweight.reshape(qweight.shape[0], groups, half // groups)
-    for o in range(qweight.shape[0]):
+    for o in range(lo, hi):
         for t in range(rows):
             out[t, o] = _dot_int4(xe3, xo3, t, q3, scales, o)
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _rows_int8(x, qweight, scale, out):  # [1, in] f32, int8 [out, in], f32 [out], [1, out] f32 (written)
+def _rows_int8(x, qweight, scale, out, lo, hi):  # [1, in] f32, int8 [out, in], f32 [out], [1, out] f32 (columns lo..hi written)
     """One row of x: each weight widened as it is multiplied (no scratch row)."""
     x0 = x[0]
-    for o in range(qweight.shape[0]):
+    for o in range(lo, hi):
         q = qweight[o]
         acc = f32(0.0)
         for i in range(x0.shape[0]):
@@ -328,6 +334,44 @@ def _rows_int4_any_group(x, qweight, scales, out):  # [T, in], uint8 [out, in/2]
         _row_dots(x, row, f32(1.0), out, o)
 
 
+# --- the same, output rows split over threads (kernels_cpu.split: every bit as above) --------------
+
+
+@njit(parallel=True, cache=True)
+def _split_q8_0(x, raw, table, out, parts):  # as _rows_q8_0, all rows; parts >= 1 threads
+    for p in prange(parts):
+        lo, hi = part_bounds(raw.shape[0], p, parts, 1)
+        _rows_q8_0(x, raw, table, out, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _split_q4_0(x, raw, table, out, parts):  # as _rows_q4_0, all rows
+    for p in prange(parts):
+        lo, hi = part_bounds(raw.shape[0], p, parts, 1)
+        _rows_q4_0(x, raw, table, out, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _split_q4_1(x, raw, table, out, parts):  # as _rows_q4_1, all rows
+    for p in prange(parts):
+        lo, hi = part_bounds(raw.shape[0], p, parts, 1)
+        _rows_q4_1(x, raw, table, out, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _split_int4(x_even, x_odd, qweight, scales, out, parts):  # as _rows_int4, all rows
+    for p in prange(parts):
+        lo, hi = part_bounds(qweight.shape[0], p, parts, 1)
+        _rows_int4(x_even, x_odd, qweight, scales, out, lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def _split_int8(x, qweight, scale, out, parts):  # as _rows_int8, all rows
+    for p in prange(parts):
+        lo, hi = part_bounds(qweight.shape[0], p, parts, 1)
+        _rows_int8(x, qweight, scale, out, lo, hi)
+
+
 # --- the kernels ----------------------------------------------------------------------------------
 
 
@@ -336,8 +380,10 @@ def _x32(x: np.ndarray) -> np.ndarray:  # [T, in] any float -> C-contiguous floa
 
 
 def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel: Callable[..., None],
-                 quad_format: int, tile_kernel: Callable[..., None], name: str) -> np.ndarray:  # fmt: skip
-    """One row: the lanes kernel; up to ``R_MAX_QUAD`` rows: the quad kernel; more: BLAS tiles."""
+                 split_kernel: Callable[..., None], quad_format: int, tile_kernel: Callable[..., None],
+                 name: str) -> np.ndarray:  # fmt: skip
+    """One row: the lanes kernel (``split_kernel`` over threads, kernels_cpu.split); up to
+    ``R_MAX_QUAD`` rows: the quad kernel; more: BLAS tiles."""
     x = _x32(x)
     if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % block_bytes:
         raise ValueError(f"{name}: expected uint8 [out, n*{block_bytes}] raw blocks, got {raw.dtype} {raw.shape}")
@@ -347,26 +393,28 @@ def _gguf_linear(x: np.ndarray, raw: np.ndarray, block_bytes: int, lanes_kernel:
     if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, raw.shape[0], tile_kernel, raw, F16_TABLE)
     out = np.empty((x.shape[0], raw.shape[0]), dtype=np.float32)
-    if x.shape[0] == 1:
-        _run(lanes_kernel, x, raw, F16_TABLE, out)
+    if x.shape[0] != 1:  # 2 .. R_MAX_QUAD rows, or none
+        quad_rows(quad_format, x, raw, F16_TABLE, out)
+    elif (parts := parts_for(raw.shape[0])) > 1:
+        _run(split_kernel, x, raw, F16_TABLE, out, parts)
     else:
-        _run(_quad_rows, quad_format, x, raw, F16_TABLE, out, X_BLOCK)
+        _run(lanes_kernel, x, raw, F16_TABLE, out, 0, raw.shape[0])
     return out
 
 
 def linear_q8_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*34] -> [T, out]
     """``x @ dequantize_q8_0(raw).T``, reading the Q8_0 blocks in place (see the module docstring)."""
-    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, Q8_0, _tile_q8_0, "linear_q8_0")
+    return _gguf_linear(x, raw, Q8_0_BLOCK_BYTES, _rows_q8_0, _split_q8_0, Q8_0, _tile_q8_0, "linear_q8_0")
 
 
 def linear_q4_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
     """``x @ dequantize_q4_0(raw).T``, reading the Q4_0 blocks in place."""
-    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, Q4_0, _tile_q4_0, "linear_q4_0")
+    return _gguf_linear(x, raw, Q4_0_BLOCK_BYTES, _rows_q4_0, _split_q4_0, Q4_0, _tile_q4_0, "linear_q4_0")
 
 
 def linear_q4_1(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
     """``x @ dequantize_q4_1(raw).T``, reading the Q4_1 blocks in place."""
-    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, Q4_1, _tile_q4_1, "linear_q4_1")
+    return _gguf_linear(x, raw, Q4_1_BLOCK_BYTES, _rows_q4_1, _split_q4_1, Q4_1, _tile_q4_1, "linear_q4_1")
 
 
 def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:  # [T, in], int8 [out, in], f32 [out] -> [T, out]
@@ -379,10 +427,12 @@ def linear_int8(x: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.nda
     if x.shape[0] > R_MAX_QUAD:
         return linear_tiled(x, qweight.shape[0], _tile_int8, qweight, scale)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
-    if x.shape[0] == 1:
-        _run(_rows_int8, x, qweight, scale, out)
+    if x.shape[0] != 1:  # 2 .. R_MAX_QUAD rows, or none (_rows_int8 reads x[0])
+        quad_rows(INT8, x, qweight, scale, out)
+    elif (parts := parts_for(qweight.shape[0])) > 1:
+        _run(_split_int8, x, qweight, scale, out, parts)
     else:
-        _run(_quad_rows, INT8, x, qweight, scale, out, X_BLOCK)
+        _run(_rows_int8, x, qweight, scale, out, 0, qweight.shape[0])
     return out
 
 
@@ -400,10 +450,13 @@ def linear_int4(x: np.ndarray, qweight: np.ndarray, scales: np.ndarray) -> np.nd
         return linear_tiled(x, qweight.shape[0], _tile_int4, qweight, scales)
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.float32)
     if x.shape[0] > R_MAX:  # scales flattened: every format's second array is 1-D (quant_tiles._widen)
-        _run(_quad_rows, INT4, x, qweight, scales.reshape(-1), out, X_BLOCK)
+        quad_rows(INT4, x, qweight, scales.reshape(-1), out)
     elif x.shape[1] // scales.shape[1] == INT4_FAST_GROUP:
         x_even, x_odd = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])  # [T, in/2] each
-        _run(_rows_int4, x_even, x_odd, qweight, scales, out)
+        if (parts := parts_for(qweight.shape[0])) > 1:
+            _run(_split_int4, x_even, x_odd, qweight, scales, out, parts)
+        else:
+            _run(_rows_int4, x_even, x_odd, qweight, scales, out, 0, qweight.shape[0])
     else:
         _run(_rows_int4_any_group, x, qweight, scales, out)
     return out

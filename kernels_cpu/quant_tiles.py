@@ -25,16 +25,18 @@ and the tiles differ from the reference only by summation order.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from kernels_cpu.linear import _quad_dots_all
 from kernels_cpu.pointwise import FASTMATH
+from kernels_cpu.split import part_bounds, parts_for
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
 #: Output rows dequantized per BLAS tile on the prefill path (576-wide rows: 576 KiB, in L2).
@@ -46,6 +48,8 @@ F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float1
 f32 = np.float32  # short, for the lines below
 
 _SLP_LOCK = threading.Lock()
+# the module, for X_BLOCK read at every call (``kernels_cpu.linear`` is also the package's function)
+cpu_linear = importlib.import_module("kernels_cpu.linear")
 
 
 def _run(kernel: Callable[..., Any], *args: Any) -> Any:
@@ -287,15 +291,32 @@ def _widen(fmt, a, b, o0, rows):  # code, the format's two arrays, int, f32 [n, 
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _quad_rows(fmt, x, a, b, out, x_block):  # code, [T, in] f32, the format's two arrays, [T, out] f32 (written), 1..5
-    """``out = x @ W.T``, W widened four output rows at a time into L1, then linear's loop."""
+def _quad_rows(fmt, x, a, b, out, x_block, lo, hi):  # code, [T, in] f32, the format's two arrays, [T, out] f32 (columns lo..hi written), 1..5, ints
+    """``out[:, lo:hi] = x @ W[lo:hi].T``, W widened four output rows at a time into L1, then
+    linear's loop (``lo`` a multiple of 4, so the groups of four are the whole matrix's)."""
     quad = np.empty((4, x.shape[1]), dtype=np.float32)  # four widened weight rows, reused (L1)
     one = np.empty((1, x.shape[1]), dtype=np.float32)
-    o = 0
-    while o + 4 <= out.shape[1]:
+    o = lo
+    while o + 4 <= hi:
         _widen(fmt, a, b, o, quad)
         _quad_dots_all(x, quad, 0, out, o, x_block)
         o += 4
-    for r in range(o, out.shape[1]):  # the rows after the last four
+    for r in range(o, hi):  # the rows after the last four
         _widen(fmt, a, b, r, one)
         _row_dots(x, one[0], f32(1.0), out, r)
+
+
+@njit(parallel=True, cache=True)
+def _split_quad_rows(fmt, x, a, b, out, x_block, parts):  # as _quad_rows, all rows, over ``parts`` threads
+    for p in prange(parts):
+        lo, hi = part_bounds(out.shape[1], p, parts, 4)
+        _quad_rows(fmt, x, a, b, out, x_block, lo, hi)
+
+
+def quad_rows(fmt: int, x: np.ndarray, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out = x @ W.T`` by the quad kernel, in blocks of ``kernels_cpu.linear.X_BLOCK`` rows
+    of x, its output rows split over the threads of ``kernels_cpu.split``."""
+    if (parts := parts_for(out.shape[1], 4)) > 1:
+        _run(_split_quad_rows, fmt, x, a, b, out, cpu_linear.X_BLOCK, parts)
+    else:
+        _run(_quad_rows, fmt, x, a, b, out, cpu_linear.X_BLOCK, 0, out.shape[1])

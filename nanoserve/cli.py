@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        line = threads.apply(getattr(args, "threads", None))  # every command: BLAS threads first
+        line = threads.apply(getattr(args, "threads", None))  # every command: the threads first
         if args.command != "serve":  # serve logs the same line with the rest of its configuration
             print(line, file=sys.stderr)
         return int(args.func(args) or 0)

@@ -95,7 +95,7 @@ class EngineConfig:
     )
     sampler: str = setting("default", "sampler implementation: default (seeded, per request), or FILE.py:NAME")
     threads: int | None = setting(
-        None, "CPU threads for matrix products (OpenBLAS); default: the thread policy (see docs/threads.md)"
+        None, "CPU threads for matrix products (OpenBLAS and the compiled linears); default: the thread policy (see docs/threads.md)"
     )
     speculative: str = setting(
         "none",

@@ -1,23 +1,26 @@
-"""The thread policy: how many threads the matrix products (OpenBLAS) may use.
+"""The thread policy: how many threads the matrix products may use.
 
-Every matmul in nanoserve is a NumPy BLAS call; everything else runs on the calling thread
-(the cpu backend's Numba kernels are compiled without ``parallel=True``, so Numba's own
-thread pool never starts and has nothing to set). The one knob is therefore the BLAS thread
-count, set here through ``threadpoolctl`` for the whole process:
+Every matmul in nanoserve is either a NumPy BLAS call or one of the cpu backend's compiled
+few-row kernels (``kernels_cpu.linear``, ``kernels_cpu.quant``: decode steps and
+speculative verifications). One count decides both: the BLAS thread count, set here
+through ``threadpoolctl`` for the whole process, and the threads the compiled kernels split
+their output rows over (``kernels_cpu.split``: with 1 they run on the calling thread and
+Numba's thread pool never starts). Everything else runs on the calling thread:
 
-    EngineConfig.threads / --threads N   ->   apply(N)   ->   BLAS: N threads
+    EngineConfig.threads / --threads N   ->   apply(N)   ->   BLAS and kernels: N threads
     None (the default)                   ->   apply(None) ->   the policy below
 
 The policy: **one thread**, unless ``OPENBLAS_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says
-otherwise. OpenBLAS's threads meet at a barrier inside every product, so when another
-process holds one of the cores, the thread that is descheduled stalls the other, and a
+otherwise. OpenBLAS's threads (and the split kernels', at the end of each call) meet at a
+barrier inside every product, so when another process holds one of the cores, the thread that is descheduled stalls the other, and a
 step waits for the OS scheduler rather than for arithmetic: beside a busy loop on one of
 2 cores, two threads ran a 128-token prefill and 32 decoding requests 3-10x slower than
-one thread. On an idle machine two threads gain ~1.4x on long prompts and about nothing
-on decode, where every step reads all the weights for little arithmetic. The numbers and
+one thread. On an idle machine two threads gain ~1.4x on long prompts, and with the
+compiled kernels split as well 1.3-1.6x on decode (``docs/threads.md``). The numbers and
 how they were taken: ``docs/threads.md`` (``python bench/threads.py``).
 
-The setting is process-wide (one BLAS library per process): the last ``apply`` wins.
+The setting is process-wide (one BLAS library, one kernel split per process): the last
+``apply`` wins.
 """
 
 from __future__ import annotations
@@ -83,8 +86,22 @@ def apply(threads: int | None) -> str:
     else:
         count, source = min(DEFAULT_THREADS, usable_cpus()), "the default policy, docs/threads.md"
     _controller().limit(limits=count, user_api="blas")
+    _kernel_split().set_threads(min(count, _numba_pool_size()))
     _source = source
     return describe()
+
+
+def _kernel_split():  # -> the module kernels_cpu.split (imported here: it loads Numba)
+    from kernels_cpu import split
+
+    return split
+
+
+def _numba_pool_size() -> int:
+    """Threads in Numba's pool: the CPUs, or fewer where ``NUMBA_NUM_THREADS`` says so."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
 
 
 def current() -> int | None:
@@ -94,18 +111,21 @@ def current() -> int | None:
 
 
 def describe() -> str:
-    """One line naming the BLAS library, its threads now, the CPUs, and where the setting came from.
+    """One line naming the BLAS library, its threads now, the compiled kernels' threads, the
+    CPUs, and where the setting came from.
 
     >>> apply(1)
-    'threads: 1 BLAS thread (openblas 0.3.31, pthreads) on 2 CPUs, from --threads'
+    'threads: 1 BLAS thread (openblas 0.3.31, pthreads), kernels on 1 thread, on 2 CPUs, from --threads'
     """
     libs = [lib for lib in _controller().info() if lib["user_api"] == "blas"]
     cpus = usable_cpus()
+    kernels = _kernel_split().threads()
+    on_kernels = f"kernels on {kernels} thread{'' if kernels == 1 else 's'}"
     if not libs:
-        return f"threads: no BLAS thread pool found (matmuls run on the calling thread) on {cpus} CPUs"
+        return f"threads: no BLAS thread pool found (matmuls run on the calling thread), {on_kernels}, on {cpus} CPUs"
     lib = libs[0]
     count = min(x["num_threads"] for x in libs)
     name = f"{lib['internal_api']} {'.'.join(str(lib.get('version') or '?').split('.')[:3])}"
     layer = f", {lib['threading_layer']}" if lib.get("threading_layer") else ""
     plural = "" if count == 1 else "s"
-    return f"threads: {count} BLAS thread{plural} ({name}{layer}) on {cpus} CPUs, from {_source}"
+    return f"threads: {count} BLAS thread{plural} ({name}{layer}), {on_kernels}, on {cpus} CPUs, from {_source}"

@@ -15,6 +15,7 @@ import kernels_cpu
 import kernels_ref
 from kernels_cpu.attention import MAX_QUERY_ROWS, _exp_shifted, _float16_page
 from kernels_cpu.linear import FEW_ROWS
+from nanoserve import threads
 from nanoserve.engine import LLMEngine
 from tests.engine_helpers import greedy_tokens_and_logits
 
@@ -159,3 +160,30 @@ def test_top_p_filter_keeps_the_reference_tokens_over_a_real_vocabulary(logits_k
     want = kernels_ref.top_p_filter(logits, top_p)
     np.testing.assert_array_equal(got, want)
     assert np.isfinite(got[:5]).sum(axis=-1).min() >= 1  # the top token always survives
+
+
+@pytest.mark.skipif(threads.usable_cpus() < 2, reason="needs 2 usable CPUs")
+@pytest.mark.parametrize("weights", ["gguf", "fp32"])
+def test_smollm2_on_two_threads_gives_the_one_thread_tokens_and_logits_bit_for_bit(smollm2_path: str, weights: str):
+    """``--threads 2`` splits every compiled linear's output rows over two threads
+    (``kernels_cpu.split``); each output is still summed by one thread in the same order,
+    so single decodes, batched decodes and prefill chunks (steps of at most 32 rows: the
+    compiled kernels, not BLAS) give the same bits."""
+    from nanoserve.model import load_checkpoint
+
+    loaded = load_checkpoint(smollm2_path, weights)
+    tok = loaded.tokenizer
+    prompts = [tok.encode(p) for p in ["The capital of France is", "def fibonacci(n):", "Tell me about the sea. " * 6]]
+    runs = []
+    try:
+        for count in (1, 2):
+            for batch in (prompts, prompts[:1]):  # mixed steps; then one row per step
+                engine = LLMEngine(loaded=loaded, backend="cpu", max_num_batched_tokens=32, threads=count)
+                assert f"kernels on {count} thread" in engine.threads
+                runs.append(greedy_tokens_and_logits(engine, batch, 8))
+    finally:
+        threads.apply(None)
+    (tokens_1, logits_1), (alone_1, alone_logits_1), (tokens_2, logits_2), (alone_2, alone_logits_2) = runs
+    assert tokens_2 == tokens_1 and alone_2 == alone_1
+    for got, want in zip(logits_2 + alone_logits_2, logits_1 + alone_logits_1, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -10,6 +10,7 @@ import sys
 import pytest
 from threadpoolctl import ThreadpoolController
 
+from kernels_cpu import split
 from nanoserve import threads
 from nanoserve.errors import ConfigError
 
@@ -21,12 +22,14 @@ def blas_threads() -> list[int]:
 
 @pytest.fixture(autouse=True)
 def restore_blas_threads(monkeypatch: pytest.MonkeyPatch):
-    """Each test leaves the process's BLAS threads (and the policy's record) as it found them."""
+    """Each test leaves the process's BLAS threads, the kernels' threads (and the policy's
+    record) as it found them."""
     for name in threads.ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    before, source = threads.current(), threads._source
+    before, kernels, source = threads.current(), split.threads(), threads._source
     yield
     ThreadpoolController().limit(limits=before, user_api="blas")
+    split.set_threads(kernels)
     threads._source = source
 
 
@@ -41,9 +44,9 @@ def test_apply_1_sets_every_blas_library_to_one_thread() -> None:
 @pytest.mark.skipif(threads.usable_cpus() < 2, reason="needs 2 usable CPUs")
 def test_apply_2_then_none_gives_the_default_policy() -> None:
     threads.apply(2)
-    assert set(blas_threads()) == {2}
+    assert set(blas_threads()) == {2} and split.threads() == 2
     line = threads.apply(None)
-    assert set(blas_threads()) == {threads.DEFAULT_THREADS}
+    assert set(blas_threads()) == {threads.DEFAULT_THREADS} and split.threads() == threads.DEFAULT_THREADS
     assert "from the default policy" in line
 
 

@@ -165,7 +165,7 @@ def describe(engine: LLMEngine, server: ServerConfig) -> list[str]:
         f"KV pool: {stats.num_blocks} blocks of {stats.block_size} tokens = {stats.num_kv_slots} tokens, "
         f"{pool_mib:.1f} MiB ({config.kv_cache_dtype})",
         f"max_model_len: {engine.max_model_len}",
-        threads.describe(),  # "threads: N BLAS threads (...) on C CPUs, from ..."
+        threads.describe(),  # "threads: N BLAS threads (...), kernels on N threads, on C CPUs, from ..."
         f"listening on: http://{host}:{server.port}",
         "API key: required" if server.api_key else "API key: not required (set --api-key or NANOSERVE_API_KEY)",
     ]

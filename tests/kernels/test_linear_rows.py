@@ -75,9 +75,9 @@ def test_every_block_size_of_x_gives_the_reference_product(x_block: int):
         for weight in (w, w.astype(np.float16)):
             out = np.empty((rows, w.shape[0]), dtype=np.float32)
             if weight.dtype == np.float16:
-                cpu_linear._linear_rows_f16(x, weight.view(np.uint16), out, x_block)
+                cpu_linear._linear_rows_f16(x, weight.view(np.uint16), out, x_block, 0, w.shape[0])
             else:
-                cpu_linear._linear_rows_f32(x, weight, out, x_block)
+                cpu_linear._linear_rows_f32(x, weight, out, x_block, 0, w.shape[0])
             _assert_within_dot_tolerance(out, x, weight)
 
 

@@ -67,7 +67,7 @@ def test_quad_kernels_match_the_reference_at_every_block_size_of_x(fmt: str, x_b
     for rows in range(2, 12):
         x = np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float32)
         out = np.empty((rows, 38), dtype=np.float32)
-        quant_tiles._run(quant_tiles._quad_rows, code, x, a, b, out, x_block)
+        quant_tiles._run(quant_tiles._quad_rows, code, x, a, b, out, x_block, 0, 38)
         want = x.astype(np.float64) @ w.T
         assert np.all(np.abs(out - want) <= 1e-6 + 2e-5 * (np.abs(x.astype(np.float64)) @ np.abs(w).T))
 
