@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=256, help="tokens already in the cache")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (medians shown)")
     parser.add_argument("--weights", default="fp32", help="weight format (nanoserve.quant)")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: nanoserve.threads' policy)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for BLAS and the compiled kernels (default: nanoserve.threads' policy)")
     parser.add_argument("--skip-linear", action="store_true", help="skip the per-shape linear table")
     add_x_block_option(parser)
     parser.add_argument("--plot", default=None, help="figure path (default bench/results/forward_rows.png)")

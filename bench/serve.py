@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--blas-threads",
         type=int,
         default=None,
-        help="BLAS threads of the nanoserve server (default: NumPy's own choice)",
+        help="threads of the nanoserve server, given as OPENBLAS_NUM_THREADS (the thread policy applies it to BLAS "
+        "and the compiled kernels; default: the policy's)",
     )
     p.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
     p.add_argument(

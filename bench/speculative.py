@@ -308,7 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="OpenBLAS threads (default: the thread policy)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for BLAS and the compiled kernels (default: the thread policy)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ks", default="1,2,4,8", help="k values for ngram")
     ap.add_argument("--draft-ks", default="4", help="k values for the draft model ('' for none)")
