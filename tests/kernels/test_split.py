@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 from kernels_cpu import quant, split
 from tests.kernels.test_quant_cpu import FORMATS, weight_arrays
 
-cpu_linear = importlib.import_module(
-    "kernels_cpu.linear"
-)  # the module; ``kernels_cpu.linear`` is the function
+# the module; ``kernels_cpu.linear`` is the package's function
+cpu_linear = importlib.import_module("kernels_cpu.linear")
 THREAD_COUNTS = [n for n in (2, 3) if n <= numba.config.NUMBA_NUM_THREADS]
 
 
