@@ -12,12 +12,12 @@ Numba's thread pool never starts). Everything else runs on the calling thread:
 
 The policy: **one thread**, unless ``OPENBLAS_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says
 otherwise. OpenBLAS's threads (and the split kernels', at the end of each call) meet at a
-barrier inside every product, so when another process holds one of the cores, the thread that is descheduled stalls the other, and a
-step waits for the OS scheduler rather than for arithmetic: beside a busy loop on one of
-2 cores, two threads ran a 128-token prefill and 32 decoding requests 3-10x slower than
-one thread. On an idle machine two threads gain ~1.4x on long prompts, and with the
-compiled kernels split as well 1.3-1.6x on decode (``docs/threads.md``). The numbers and
-how they were taken: ``docs/threads.md`` (``python bench/threads.py``).
+barrier inside every product, so when another process holds one of the cores, the thread
+that is descheduled stalls the other, and a step waits for the OS scheduler rather than
+for arithmetic: beside a busy loop on one of 2 cores, two threads ran a 128-token prefill
+and 32 decoding requests 3-10x slower than one thread. On an idle machine two threads
+gain ~1.4x on long prompts, and with the compiled kernels split as well ~1.4x on decode.
+The numbers and how they were taken: ``docs/threads.md`` (``python bench/threads.py``).
 
 The setting is process-wide (one BLAS library, one kernel split per process): the last
 ``apply`` wins.
