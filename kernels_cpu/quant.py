@@ -90,8 +90,9 @@ Threads: by default every kernel here runs on the calling thread. With ``--threa
 SmolLM2's Q4_1 matrices, each of the 30 layers' own (so the bytes stream from memory as in
 the model), one row, wall microseconds per call through ``linear_q4_1``, median of 15, 1 / 2
 threads, AMD EPYC AVX2 (Zen 3), idle: QKV [960, 576] 94 / 61, output [576, 576] 68 / 51,
-gate-up [3072, 576] 273 / 166, down [576, 1536] 141 / 88 (1.3-1.6x: each call's start
-and join cost some 10 us, and the Python around the call as much again). The same
+gate-up [3072, 576] 273 / 166, down [576, 1536] 141 / 88: 1.3-1.6x, not 2x. The kernel
+alone (``_rows_q4_1`` against ``_split_q4_1``, 20 random [576, 576] matrices) took 55 / 38
+us, so starting and joining the threads costs about 10 us a call. The same
 split on a busy machine took 8.0 ms where the one-thread kernel took 0.27 ms (load
 average 3.4): the join waits for whichever thread was descheduled, as OpenBLAS's
 threads do, which is why one thread stays the default. The prefill tiles' BLAS calls

@@ -13,7 +13,9 @@ its range::
 Every output is then summed by exactly the code and in exactly the order of the one-thread
 kernel, so the split changes no bit of any result (``tests/kernels/test_split.py``). The
 bounds are multiples of ``align`` (4 for the kernels that take weight rows four at a time)
-so that each range holds the same groups of four as the whole matrix does.
+so that each range holds the same groups of four as the whole matrix does. Each format
+has its own four-line twin rather than one split kernel taking the one-thread kernel as an
+argument: Numba's disk cache cannot key a compiled kernel on a function passed to it.
 
 How many threads: :func:`set_threads`, called by ``nanoserve.threads.apply`` with the
 ``--threads`` count, so one setting decides the cores the engine uses, for BLAS and for
