@@ -15,7 +15,10 @@ at once), with speculation off, ``ngram`` at k in ``--ks`` and ``draft`` (the sa
 ``--draft-weights``, "quantized self-speculation") at k in ``--draft-ks``. Reported:
 
     tok/s         one stream: decode rate, (tokens - 1) / (last token - first token), median
-                  over the prompts; 8 streams: all output tokens / wall time
+                  over the prompts; 8 streams: all output tokens / wall time. Each
+                  configuration keeps one engine (prefix cache off) and runs ``--rounds``
+                  times, every configuration in turn, so that the machine's drift hits all
+                  alike; the figure is the median of the rounds
     vs off        the ratio to speculation off in the same run
     accept        accepted drafts / drafts verified;  mean len: tokens committed per verification
     per position  acceptance rate at draft position 1, 2, ..
@@ -121,6 +124,7 @@ class Run:
     per_position: list[float] = field(default_factory=list)
     same_tokens: bool | None = None
     tokens: list[list[int]] = field(default_factory=list, repr=False)
+    rounds: list[float] = field(default_factory=list)  # tok/s of each round (nanoserve)
 
 
 def chat_prompts(loaded: LoadedModel, texts: list[str]) -> list[list[int]]:
@@ -131,7 +135,7 @@ def chat_prompts(loaded: LoadedModel, texts: list[str]) -> list[list[int]]:
 def build(loaded: LoadedModel, args: argparse.Namespace, method: str, k: int, streams: int) -> LLMEngine:
     cfg = EngineConfig(
         model=args.model, backend=args.backend, weights="fp32", max_num_seqs=max(8, streams), speculative="none" if method == "off" else method,
-        num_speculative_tokens=k, draft_weights=args.draft_weights, threads=args.threads,
+        num_speculative_tokens=k, draft_weights=args.draft_weights, threads=args.threads, prefix_cache="none",
     )
     engine = LLMEngine(cfg, loaded=loaded)
     warm_up(engine, list(range(100, 140)))
@@ -157,20 +161,31 @@ def run_nanoserve(engine: LLMEngine, prompts: list[list[int]], streams: int, max
 
 def measure_nanoserve(loaded: LoadedModel, args: argparse.Namespace, workload: str, prompts: list[list[int]],
                       streams: int) -> list[Run]:  # fmt: skip
+    """Every configuration's engine is built once; ``--rounds`` rounds then run them in turn.
+
+    This machine's speed drifts by 10-35% over minutes, so one configuration run after
+    another measures the drift as much as the configuration. Interleaved, a drift hits
+    every configuration alike, and each one's tok/s is the median of its rounds.
+    """
     configs = [("off", 0)] + [("ngram", k) for k in args.ks] + [("draft", k) for k in args.draft_ks if streams in args.draft_streams]
+    engines = [build(loaded, args, method, max(k, 1), streams) for method, k in configs]
+    rates: list[list[float]] = [[] for _ in configs]
+    outputs: list[list[list[int]]] = [[] for _ in configs]
+    for round_ in range(args.rounds):
+        for i, ((method, k), engine) in enumerate(zip(configs, engines)):
+            max_tokens = args.max_tokens if method != "draft" else args.draft_max_tokens
+            use = prompts if method != "draft" else prompts[: args.draft_prompts]
+            tok_s, outputs[i] = run_nanoserve(engine, use, streams, max_tokens)
+            rates[i].append(tok_s)
+            print(f"  {workload:10s} {streams} stream(s)  {method:5s} k={k}  round {round_ + 1}  {tok_s:7.1f} tok/s", flush=True)
     runs: list[Run] = []
-    for method, k in configs:
-        engine = build(loaded, args, method, max(k, 1), streams)
-        max_tokens = args.max_tokens if method != "draft" else args.draft_max_tokens
-        use = prompts if method != "draft" else prompts[: args.draft_prompts]
-        tok_s, outs = run_nanoserve(engine, use, streams, max_tokens)
-        spec = engine.stats().spec_decoding
-        run = Run(workload, streams, "nanoserve", method, k, tok_s, tokens=outs)
+    for (method, k), engine, r, outs in zip(configs, engines, rates, outputs):
+        spec = engine.stats().spec_decoding  # counted over all rounds
+        run = Run(workload, streams, "nanoserve", method, k, median(r), tokens=outs, rounds=r)
         if method != "off":
             run.acceptance, run.mean_len = spec.acceptance_rate, spec.mean_acceptance_length
             run.per_position = [a / spec.num_drafts if spec.num_drafts else 0.0 for a in spec.num_accepted_tokens_per_pos]
         runs.append(run)
-        print(f"  {workload:10s} {streams} stream(s)  {method:5s} k={k}  {tok_s:7.1f} tok/s", flush=True)
     off = runs[0]
     for run in runs[1:]:
         run.vs_off = run.tok_s / off.tok_s
@@ -318,6 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--draft-prompts", type=int, default=2, help="prompts per workload for the draft runs")
     ap.add_argument("--draft-streams", default="1", help="stream counts that run the draft model")
     ap.add_argument("--repeats", type=int, default=9, help="repeats of each forward pass for r(k)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of every nanoserve configuration, run in turn (tok/s: the median)")
+    ap.add_argument("--workloads", default="copy-heavy,chat", help="which workloads to run")
     ap.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server (the peer)")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 24 tokens, k in {2, 4}: a smoke test")
     ap.add_argument("--json", default=results_path("speculative.json"))
@@ -327,7 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.draft_ks = [int(k) for k in args.draft_ks.split(",") if k]
     args.draft_streams = [int(s) for s in args.draft_streams.split(",") if s]
     if args.quick:
-        args.max_tokens, args.ks, args.draft_max_tokens, args.draft_prompts, args.repeats = 24, [2, 4], 8, 1, 3
+        args.max_tokens, args.ks, args.draft_max_tokens, args.draft_prompts, args.repeats, args.rounds = 24, [2, 4], 8, 1, 3, 1
     return args
 
 
@@ -337,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     print(environment(), f"load: {os.getloadavg()[0]:.2f}", flush=True)
     loaded = load_checkpoint(args.model, "fp32")
     workloads = {"copy-heavy": chat_prompts(loaded, COPY_HEAVY), "chat": chat_prompts(loaded, CHAT)}
+    unknown = set(args.workloads.split(",")) - set(workloads)
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(workloads)}")
+    workloads = {name: prompts for name, prompts in workloads.items() if name in args.workloads.split(",")}
     if args.quick:
         workloads = {name: prompts[:2] for name, prompts in workloads.items()}
     ratios = forward_ratios(loaded, args, sorted({1, 2, 4, 8} | set(args.ks)))

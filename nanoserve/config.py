@@ -106,6 +106,11 @@ class EngineConfig:
     num_speculative_tokens: int = setting(4, "most tokens proposed per step when --speculative is on")
     prompt_lookup_min: int = setting(2, "ngram: shortest suffix n-gram to look up")
     prompt_lookup_max: int = setting(4, "ngram: longest suffix n-gram to look up")
+    spec_draft_cost: float = setting(
+        0.2,
+        "what one draft adds to a verification, as a fraction of a one-token decode step: the policy "
+        "models r(k) = 1 + cost * k and proposes only the drafts expected to pay (bench/speculative.py measures r(k))",
+    )
     draft_model: str | None = setting(None, "draft: the proposing model (default: the target model's file)")
     draft_weights: str = setting("int8", "draft: the draft model's weight format", choices=WEIGHT_FORMATS)
     proposer: str | None = setting(

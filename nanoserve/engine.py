@@ -85,6 +85,9 @@ def check_config(config: EngineConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    cost = config.spec_draft_cost
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < float("inf"):
+        raise ConfigError(f"spec_draft_cost must be a number >= 0, got {cost!r}")
     if config.prompt_lookup_max < config.prompt_lookup_min:
         raise ConfigError(
             f"prompt_lookup_max ({config.prompt_lookup_max}) must be >= prompt_lookup_min ({config.prompt_lookup_min})"

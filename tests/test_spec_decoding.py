@@ -19,7 +19,7 @@ from nanoserve.llm import LLM
 from nanoserve.request import Request
 from nanoserve.sampling import SamplingParams, probabilities
 from nanoserve.spec.ngram import propose_ngram
-from nanoserve.spec.policy import SpeculationPolicy
+from nanoserve.spec.policy import SpeculationPolicy, best_num_drafts
 from nanoserve.spec.rejection import accept_greedy, accept_random
 from tests.tiny_model import make_tiny_model
 
@@ -84,16 +84,21 @@ def test_policy_caps_drafts_at_max_tokens_and_the_context():
 
 
 def test_policy_turns_down_with_low_acceptance_and_off_for_large_batches():
-    policy = SpeculationPolicy(num_speculative_tokens=4, max_rows=32)
+    policy = SpeculationPolicy(num_speculative_tokens=4, max_rows=32)  # a draft row costs 0.2 of a step
     r = _request([1, 2, 3], 100)
-    assert policy.num_drafts([r], 1000) == [4]
+    assert policy.num_drafts([r], 1000) == [4]  # a new request: all k
     for _ in range(4):
-        policy.observe(r, 4, 0)  # nothing accepted: the average falls to 0.24, then 0.17 ..
-    assert policy.num_drafts([r], 1000) == [2]
-    for _ in range(4):
-        policy.observe(r, 2, 0)
+        policy.observe(r, 4, 0)  # nothing accepted: estimated acceptance 0.7^4 = 0.24 ..
+    assert policy.num_drafts([r], 1000) == [1]  # .. worth one draft (1.24 / 1.2 > 1), not two
+    policy.observe(r, 1, 0)  # 0.17: below the cost of a draft
     counts = [policy.num_drafts([r], 1000)[0] for _ in range(16)]
     assert counts.count(1) == 2 and counts.count(0) == 14  # off, but probing every 8th step
+    for _ in range(20):
+        policy.observe(r, 4, 2)  # two of four accepted: 2 acceptances in 3 tries, a = 2/3
+    assert policy.num_drafts([r], 1000) == [2]  # E(j) / r(j): 1.39 1.51 1.50 1.45
+    for _ in range(20):
+        policy.observe(r, 4, 4)
+    assert policy.num_drafts([r], 1000) == [4]
     many = [_request([1, 2, 3], 100) for _ in range(10)]
     for i, m in enumerate(many):
         m.request_id = f"m{i}"
@@ -103,6 +108,31 @@ def test_policy_turns_down_with_low_acceptance_and_off_for_large_batches():
     assert default.num_drafts(many[:1], 1000) == [4]
     assert default.num_drafts(many[:2], 1000) == [4, 2]
     assert default.num_drafts(many[:8], 1000) == [0] * 8
+
+
+def test_policy_weighs_the_cost_of_a_draft():
+    r = _request([1, 2, 3], 100)
+    free, dear = SpeculationPolicy(4, draft_cost=0.0), SpeculationPolicy(4, draft_cost=1.0)
+    for policy in (free, dear):
+        for _ in range(10):
+            policy.observe(r, 4, 0)
+    assert free.num_drafts([r], 1000) == [4]  # a draft that costs nothing is worth proposing
+    assert dear.num_drafts([r], 1000) == [0]  # one that costs a whole step never pays
+
+
+def _tokens_per_step(a: float, c: float, j: int) -> float:
+    return sum(a**i for i in range(j + 1)) / (1 + c * j)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.floats(0, 1), b=st.floats(0, 1), c=st.floats(0, 2), k=st.integers(1, 12))
+def test_best_num_drafts_is_the_best_rate_and_grows_with_acceptance(a, b, c, k):
+    j = best_num_drafts(a, c, k)
+    rates = [_tokens_per_step(a, c, i) for i in range(k + 1)]
+    assert rates[j] >= max(rates) - 1e-9  # the most tokens per step's worth of time
+    assert (j == 0) == (a <= c + 1e-9)  # one draft pays exactly when a > c, and then some always does
+    lo, hi = min(a, b), max(a, b)
+    assert best_num_drafts(lo, c, k) <= best_num_drafts(hi, c, k)  # more acceptance, never fewer drafts
 
 
 # --- greedy: identical tokens ----------------------------------------------------------------
@@ -390,6 +420,8 @@ def test_seeded_random_speculation_is_reproducible_and_on_the_target(tiny_loaded
         ({"speculative": "eagle"}, "speculative must be one of none, ngram, draft"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
         ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max (2) must be >= prompt_lookup_min (3)"),
+        ({"spec_draft_cost": -0.1}, "spec_draft_cost must be a number >= 0, got -0.1"),
+        ({"spec_draft_cost": float("nan")}, "spec_draft_cost must be a number >= 0, got nan"),
     ],
 )
 def test_bad_speculative_settings_are_refused_by_name(tiny_loaded, kwargs, message):

@@ -73,7 +73,7 @@ def build_speculator(
         model = LlamaModel(draft.config, draft.weights, backend)
         args = (model, num_blocks, config.block_size, backend, config.kv_cache_dtype)
     proposer = components.build("proposer", name, *args)
-    policy = SpeculationPolicy(config.num_speculative_tokens)
+    policy = SpeculationPolicy(config.num_speculative_tokens, draft_cost=config.spec_draft_cost)
     accept_greedy, accept_random = acceptance_rules(config.acceptance)
     return RejectionSampler(sampler, backend.kernels, accept_greedy, accept_random), Speculator(proposer, policy, max_model_len)
 
