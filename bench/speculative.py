@@ -173,9 +173,7 @@ def measure_nanoserve(loaded: LoadedModel, args: argparse.Namespace, workload: s
     outputs: list[list[list[int]]] = [[] for _ in configs]
     for round_ in range(args.rounds):
         for i, ((method, k), engine) in enumerate(zip(configs, engines)):
-            max_tokens = args.max_tokens if method != "draft" else args.draft_max_tokens
-            use = prompts if method != "draft" else prompts[: args.draft_prompts]
-            tok_s, outputs[i] = run_nanoserve(engine, use, streams, max_tokens)
+            tok_s, outputs[i] = run_nanoserve(engine, prompts, streams, args.max_tokens)
             rates[i].append(tok_s)
             print(f"  {workload:10s} {streams} stream(s)  {method:5s} k={k}  round {round_ + 1}  {tok_s:7.1f} tok/s", flush=True)
     runs: list[Run] = []
@@ -329,8 +327,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ks", default="1,2,4,8", help="k values for ngram")
     ap.add_argument("--draft-ks", default="4", help="k values for the draft model ('' for none)")
     ap.add_argument("--draft-weights", default="int8", help="the draft's weight format (the same file)")
-    ap.add_argument("--draft-max-tokens", type=int, default=32, help="tokens per prompt for the (slow) draft runs")
-    ap.add_argument("--draft-prompts", type=int, default=2, help="prompts per workload for the draft runs")
     ap.add_argument("--draft-streams", default="1", help="stream counts that run the draft model")
     ap.add_argument("--repeats", type=int, default=9, help="repeats of each forward pass for r(k)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -345,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.draft_ks = [int(k) for k in args.draft_ks.split(",") if k]
     args.draft_streams = [int(s) for s in args.draft_streams.split(",") if s]
     if args.quick:
-        args.max_tokens, args.ks, args.draft_max_tokens, args.draft_prompts, args.repeats, args.rounds = 24, [2, 4], 8, 1, 3, 1
+        args.max_tokens, args.ks, args.repeats, args.rounds = 24, [2, 4], 3, 1
     return args
 
 
