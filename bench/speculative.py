@@ -1,6 +1,6 @@
 """Speculative decoding: speed, acceptance and the cost of verification, against speculation off.
 
-    python bench/speculative.py                                  # nanoserve only (~15 minutes)
+    python bench/speculative.py                                  # nanoserve only (~30 minutes: 3 rounds)
     python bench/speculative.py --llama-server PATH/llama-server # and llama.cpp's speculation
     python bench/speculative.py --quick                          # a smoke test (a minute)
 
@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="threads for BLAS and the compiled kernels (default: the thread policy)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ks", default="1,2,4,8", help="k values for ngram")
-    ap.add_argument("--draft-ks", default="4", help="k values for the draft model ('' for none)")
+    ap.add_argument("--draft-ks", default="1,2,4,8", help="k values for the draft model ('' for none)")
     ap.add_argument("--draft-weights", default="int8", help="the draft's weight format (the same file)")
     ap.add_argument("--draft-streams", default="1", help="stream counts that run the draft model")
     ap.add_argument("--repeats", type=int, default=9, help="repeats of each forward pass for r(k)")
@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="rounds of every nanoserve configuration, run in turn (tok/s: the median)")
     ap.add_argument("--workloads", default="copy-heavy,chat", help="which workloads to run")
     ap.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server (the peer)")
-    ap.add_argument("--quick", action="store_true", help="2 prompts, 24 tokens, k in {2, 4}: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="2 prompts, 24 tokens, ngram k in {2, 4}, draft k = 4, 1 round: a smoke test")
     ap.add_argument("--json", default=results_path("speculative.json"))
     ap.add_argument("--plot", default=results_path("speculative.png"))
     args = ap.parse_args(argv)
@@ -341,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.draft_ks = [int(k) for k in args.draft_ks.split(",") if k]
     args.draft_streams = [int(s) for s in args.draft_streams.split(",") if s]
     if args.quick:
-        args.max_tokens, args.ks, args.repeats, args.rounds = 24, [2, 4], 3, 1
+        args.max_tokens, args.ks, args.draft_ks, args.repeats, args.rounds = 24, [2, 4], [4], 3, 1
     return args
 
 
