@@ -16,7 +16,7 @@ decoding. Per request the policy proposes the j in 0 .. k with the most:
     a <= c:            E(1) / r(1) = (1 + a) / (1 + c) <= 1   none
 
 ``a`` is each request's own estimate, from its verifications: j drafts of which n were
-accepted are n acceptances in n + 1 tries (n in j tries when all were accepted), and
+accepted are n acceptances in n + 1 tries (all j accepted: j in j tries), and
 ``a`` = acceptances / tries, both kept as exponential moving averages (weight
 ``EMA_WEIGHT`` per verification) that start at one try, accepted, so that a new request
 gets all k drafts. A request offered none still gets one draft every ``PROBE_EVERY``-th
@@ -32,8 +32,9 @@ forward pass costs 1.5-1.7x a 1-row one, a 9-row pass 2.1-2.4x, and with 8 strea
 draft each (16 rows against 8) made decoding 5% slower although 70% of the drafts were
 accepted (``bench/speculative.py``).
 
-Everything here is counted, never timed, so the same requests get the same draft counts
-on every run: a seeded request's text does not depend on the machine's speed.
+Everything here is counted, never timed, so the same requests, batched the same way, get
+the same draft counts on every run: a seeded request's text does not depend on the
+machine's speed.
 """
 
 from __future__ import annotations
