@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     print(environment(), f"load: {os.getloadavg()[0]:.2f}", flush=True)
     loaded = load_checkpoint(args.model, "fp32")
     workloads = {"copy-heavy": chat_prompts(loaded, COPY_HEAVY), "chat": chat_prompts(loaded, CHAT)}
-    unknown = set(args.workloads.split(",")) - set(workloads)
-    if unknown:
+    wanted = args.workloads.split(",")
+    if unknown := set(wanted) - set(workloads):
         raise SystemExit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(workloads)}")
-    workloads = {name: prompts for name, prompts in workloads.items() if name in args.workloads.split(",")}
+    workloads = {name: prompts for name, prompts in workloads.items() if name in wanted}
     if args.quick:
         workloads = {name: prompts[:2] for name, prompts in workloads.items()}
     ratios = forward_ratios(loaded, args, sorted({1, 2, 4, 8} | set(args.ks)))
