@@ -93,11 +93,11 @@ Threads: every kernel runs on the calling thread (not split over ``--threads``, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from numba import njit
 
+from kernels_cpu import avx2
 from kernels_cpu.quant_tiles import F16_TABLE, _f16, _run, _tile_q4_0, _tile_q8_0, linear_tiled
 from kernels_ref.quant import Q4_0_BLOCK_BYTES, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
 
@@ -223,6 +223,11 @@ def _rows_q4_1(q, d, s, raw, table, out):  # int8 [T, in], f32 [T, nb] x2, uint8
             out[t, o] = acc
 
 
+#: The portable decode loops (the reference's bits). Where the host has AVX2
+#: (``kernels_cpu.avx2.ENABLED``) the kernels take ``kernels_cpu.avx2``'s instead.
+PORTABLE_DECODE_LOOPS = {"q8_0": _rows_q8_0, "q4_0": _rows_q4_0, "q4_1": _rows_q4_1}
+
+
 # --- prefill shapes: the dequantized int8 activations times float32 weight tiles, by BLAS --------
 
 
@@ -288,13 +293,14 @@ def decode_kernel_asm(fmt: str) -> str:
     import numba
     from numba import types
 
-    kernels = {"q8_0": _rows_q8_0, "q4_0": _rows_q4_0, "q4_1": _rows_q4_1}
+    kernels = avx2._ROWS if avx2.ENABLED else PORTABLE_DECODE_LOOPS
     if fmt not in kernels:
         raise ValueError(f"decode_kernel_asm: unknown format {fmt!r}; choose from {', '.join(kernels)}")
     i8, f32_2, u8, table = types.int8[:, ::1], types.float32[:, ::1], types.uint8[:, ::1], types.float32[::1]
     middle = {"q8_0": (f32_2,), "q4_0": (f32_2, types.int32[:, ::1]), "q4_1": (f32_2, f32_2)}[fmt]
-    signature = (i8, *middle, u8, table, f32_2)
-    copy = numba.njit(kernels[fmt].py_func)
+    signature = (i8, *middle, u8, table, f32_2) + ((types.int64, types.int64) if avx2.ENABLED else ())
+    options = {k: v for k, v in kernels[fmt].targetoptions.items() if k not in ("cache", "nopython")}
+    copy = numba.njit(**options)(kernels[fmt].py_func)
     _run(copy.compile, signature)
     return copy.inspect_asm(signature)
 
@@ -313,9 +319,13 @@ def _prepare(x: np.ndarray, raw: np.ndarray, block_bytes: int, name: str) -> tup
     return x, np.ascontiguousarray(raw)
 
 
-def _decode(kernel: Callable[..., None], rows: int, out_features: int, *args: np.ndarray) -> np.ndarray:
-    out = np.empty((rows, out_features), dtype=np.float32)
-    _run(kernel, *args, F16_TABLE, out)
+def _decode(fmt: str, rows: int, raw: np.ndarray, q: np.ndarray, *middle: np.ndarray) -> np.ndarray:
+    """``fmt``'s decode loop: ``kernels_cpu.avx2``'s (split over ``--threads``) where enabled, else the portable one."""
+    out = np.empty((rows, raw.shape[0]), dtype=np.float32)
+    if avx2.ENABLED:
+        avx2.decode(fmt, q, middle, raw, F16_TABLE, out)
+    else:
+        _run(PORTABLE_DECODE_LOOPS[fmt], q, *middle, raw, F16_TABLE, out)
     return out
 
 
@@ -325,7 +335,7 @@ def linear_q8_0_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], ui
     q, d, _, _ = quantize_activations(x)
     if x.shape[0] > R_MAX_A8:
         return linear_tiled(_x8(q, d), raw.shape[0], _tile_q8_0, raw, F16_TABLE)
-    return _decode(_rows_q8_0, x.shape[0], raw.shape[0], q, d, raw)
+    return _decode("q8_0", x.shape[0], raw, q, d)
 
 
 def linear_q4_0_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*18] -> [T, out]
@@ -334,7 +344,7 @@ def linear_q4_0_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], ui
     q, d, _, qsum = quantize_activations(x)
     if x.shape[0] > R_MAX_A8:
         return linear_tiled(_x8(q, d), raw.shape[0], _tile_q4_0, raw, F16_TABLE)
-    return _decode(_rows_q4_0, x.shape[0], raw.shape[0], q, d, qsum, raw)
+    return _decode("q4_0", x.shape[0], raw, q, d, qsum)
 
 
 def linear_q4_1_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], uint8 [out, in/32*20] -> [T, out]
@@ -349,4 +359,4 @@ def linear_q4_1_a8(x: np.ndarray, raw: np.ndarray) -> np.ndarray:  # [T, in], ui
         y = linear_tiled(_x8(q, d), raw.shape[0], _tile_q4_1_scaled, raw, F16_TABLE)
         y += s @ _minimums(raw).T
         return y
-    return _decode(_rows_q4_1, x.shape[0], raw.shape[0], q, d, s, raw)
+    return _decode("q4_1", x.shape[0], raw, q, d, s)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kernels_ref
+from kernels_cpu import avx2
 from kernels_cpu import int8_activations as cpu_a8
 from kernels_ref.int8_activations import activation_error_bound, dequantize_activations
 from nanoserve.check_kernels.cases.int8_activations import INT8_DOT, int8_dot_magnitude
@@ -155,11 +156,86 @@ def test_compiled_quantizer_equals_the_reference_bit_for_bit(x_scale: float) -> 
     assert np.array_equal(qsum, q_ref.reshape(7, 6, 32).sum(axis=-1))
 
 
+def _decode_with(fmt: str, x: np.ndarray, raw: np.ndarray, portable: bool) -> np.ndarray:  # one decode loop's [T, out]
+    from kernels_cpu.quant_tiles import F16_TABLE, _run
+
+    q, d, s, qsum = cpu_a8.quantize_activations(x)
+    middle = {"q8_0": (d,), "q4_0": (d, qsum), "q4_1": (d, s)}[fmt]
+    out = np.empty((x.shape[0], raw.shape[0]), dtype=np.float32)
+    if portable:
+        _run(cpu_a8.PORTABLE_DECODE_LOOPS[fmt], q, *middle, raw, F16_TABLE, out)
+    else:
+        avx2.decode(fmt, q, middle, raw, F16_TABLE, out)
+    return out
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_cpu_decode_rows_return_the_references_bits(fmt: str) -> None:
+def test_portable_decode_loops_return_the_references_bits(fmt: str) -> None:
     for tokens in (1, 3, cpu_a8.R_MAX_A8):
         x, raw = _case(fmt, tokens, 576, 50, seed=tokens)
-        assert np.array_equal(_a8(fmt, cpu_a8)(x, raw), _a8(fmt)(x, raw))
+        assert np.array_equal(_decode_with(fmt, x, raw, portable=True), _a8(fmt)(x, raw))
+
+
+@pytest.mark.skipif(not avx2.ENABLED, reason="the AVX2 decode loops are off here: no AVX2, NANOSERVE_AVX2=0 or NUMBA_CPU_NAME set")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("tokens", [1, 2, 7])
+@pytest.mark.parametrize("x_scale", [1.0, 1e-3, 30.0])
+def test_avx2_decode_loops_are_within_the_int8_dot_tolerance(fmt: str, tokens: int, x_scale: float) -> None:
+    x, raw = _case(fmt, tokens, 1536, 70, seed=tokens, x_scale=x_scale)
+    x[0, :32] = 0.0  # a block of zeros: d = 0
+    x[-1, 32:64] = 127 * x_scale  # a block of equal values: every q = 127
+    if fmt == "q8_0":
+        raw[:3, 2:34] = 0x80  # q = -128 in the first block of three rows: |q| = 128
+    ref = _a8(fmt)(x, raw)
+    got = _decode_with(fmt, x, raw, portable=False)
+    assert np.array_equal(_a8(fmt, cpu_a8)(x, raw), got)  # what the cpu kernel takes on this host
+    outcome = compare(got, ref, INT8_DOT, int8_dot_magnitude(fmt)((x, raw), ref))
+    assert outcome.problem is None, outcome.problem
+    assert not np.array_equal(got, np.zeros_like(got))
+
+
+@pytest.mark.skipif(not avx2.ENABLED, reason="the AVX2 decode loops are off here: no AVX2, NANOSERVE_AVX2=0 or NUMBA_CPU_NAME set")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_avx2_decode_loops_split_over_threads_give_the_same_bits(fmt: str) -> None:
+    from kernels_cpu import split
+
+    x, raw = _case(fmt, 3, 576, 101, seed=12)  # 101 rows: parts of unequal size
+    one = _decode_with(fmt, x, raw, portable=False)
+    split.set_threads(2)
+    try:
+        two = _decode_with(fmt, x, raw, portable=False)
+    finally:
+        split.set_threads(1)
+    assert np.array_equal(one, two)
+
+
+@pytest.mark.skipif(not avx2.ENABLED, reason="the AVX2 decode loops are off here: no AVX2, NANOSERVE_AVX2=0 or NUMBA_CPU_NAME set")
+def test_avx2_lanes_are_exact_integer_dot_products() -> None:
+    """With every scale 1, each lane of one block is sum(w[j] * x[j], j = 4l .. 4l+3), exactly."""
+    from numba import njit
+
+    @njit
+    def one_block(raw, q, x):  # -> the 8 lanes after one nibble block, after one int8 block
+        a, b = avx2.new_lanes(), avx2.new_lanes()
+        avx2.nibble_lanes(raw, 0, x, 0, a, np.float32(1.0))
+        avx2.int8_lanes(q, 0, x, 0, b, np.float32(1.0))
+        lanes_a, lanes_b = np.empty(8, np.float32), np.empty(8, np.float32)
+        for lane in range(8):
+            lanes_a[lane], lanes_b[lane] = a[lane], b[lane]
+        return lanes_a, lanes_b, avx2.lane_sum(a)
+
+    rng = np.random.default_rng(11)
+    raw = rng.integers(0, 256, 16).astype(np.uint8)
+    q = rng.integers(-128, 128, 32).astype(np.int8)
+    q[:4] = -128
+    x = rng.integers(-127, 128, 32).astype(np.int8)
+    x[:8] = 127
+    nibbles = np.concatenate([raw & 0xF, raw >> 4]).astype(np.int64)  # n[0..31]
+    a, b, total = one_block(raw, q, x)
+    want_a = (nibbles * x).reshape(8, 4).sum(axis=1)
+    want_b = (q.astype(np.int64) * x).reshape(8, 4).sum(axis=1)
+    assert a.tolist() == want_a.tolist() and b.tolist() == want_b.tolist()
+    assert total == float(want_a.sum())  # integers below 2**24: exact in float32
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -198,6 +274,8 @@ def _has_avx2() -> bool:
 def test_compiled_decode_loop_uses_integer_multiply_add_instructions(fmt: str) -> None:
     asm = cpu_a8.decode_kernel_asm(fmt)
     assert re.search(r"\b(vpmaddwd|vpdpwssd|vpdpbusd)\b", asm), f"no integer multiply-add in _rows_{fmt}"
+    if avx2.ENABLED:  # the byte multiply-add of kernels_cpu.avx2, and no horizontal add inside the block loop
+        assert re.search(r"\bvpmaddubsw\b", asm), f"no vpmaddubsw in the AVX2 _rows_{fmt}"
 
 
 # --- --activations int8 in the model ------------------------------------------------------------
